@@ -1,0 +1,54 @@
+# Sluice: `make demo` and `make test` are the whole set-up (a .venv, pip packages, redis-server).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+APT_PACKAGES := redis-server redis-tools
+
+.PHONY: install system-deps demo test test-fast bench lint format clean
+
+install: $(STAMP) system-deps
+
+# torch first and pinned: an unpinned torch pulls a several-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+system-deps:
+	@missing=""; for bin in redis-server redis-cli; do \
+	  command -v $$bin >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $(APT_PACKAGES) with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sluice demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) -m loadtest.drain --repeats 5
+
+lint: install
+	$(VENV)/bin/ruff check services tests loadtest
+	$(VENV)/bin/ruff format --check services tests loadtest
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff check --fix services tests loadtest
+	$(VENV)/bin/ruff format services tests loadtest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info services/*.egg-info

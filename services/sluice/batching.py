@@ -1,0 +1,84 @@
+"""The dynamic batcher: how many entries to pull, how long to wait, where to cut.
+
+Two decisions live here and nowhere else:
+
+* **Collect** (`Collector`): one XREADGROUP pulls up to `max_batch_size` entries. A deep queue
+  fills the batch in that one call and never waits. A shallow one gets a partial batch, which
+  may wait up to `max_wait_ms` for more, but only while the model is busy: an idle model runs
+  what it has at once, since waiting then adds latency and buys nothing.
+* **Cut** (`cut_batches`): encoded jobs are sorted by length (less padding) and cut into model
+  batches of at most `max_batch_size` jobs and `max_batch_tokens` padded tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sluice.queue import Entry
+from sluice.runners.base import Encoded
+from sluice.settings import ModelSettings
+
+PullFn = Callable[[int, int | None], Awaitable[list[Entry]]]
+
+
+@dataclass(slots=True)
+class Batch:
+    """One model batch: encoded jobs, the runner's prepared tensors, and when it was cut."""
+
+    items: list[Encoded]
+    prepared: Any = None
+    cut_ms: float = field(default_factory=lambda: time.time() * 1000)
+
+    @property
+    def padded_tokens(self) -> int:
+        return len(self.items) * max((i.cost for i in self.items), default=0)
+
+
+def cut_batches(
+    items: Sequence[Encoded], max_batch_size: int, max_tokens: int
+) -> list[list[Encoded]]:
+    """Sorts by cost and cuts greedily; a single job over the token budget runs alone."""
+    if max_batch_size < 1 or max_tokens < 1:
+        raise ValueError(f"limits must be positive, got {max_batch_size=} {max_tokens=}")
+    batches: list[list[Encoded]] = []
+    current: list[Encoded] = []
+    for item in sorted(items, key=lambda i: i.cost):
+        # Sorted ascending, so the newcomer is the widest: padded cost is (n + 1) * its cost.
+        if current and (
+            len(current) >= max_batch_size or (len(current) + 1) * item.cost > max_tokens
+        ):
+            batches.append(current)
+            current = []
+        current.append(item)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Collector:
+    """Pulls the entries of the next batch, waiting for stragglers only while it pays."""
+
+    def __init__(self, pull: PullFn, settings: ModelSettings, block_ms: int) -> None:
+        self._pull = pull
+        self._max = settings.max_batch_size
+        self._max_wait_s = settings.max_wait_ms / 1000
+        self._block_ms = block_ms
+
+    async def collect(self, model_busy: Callable[[], bool]) -> list[Entry]:
+        """Up to `max_batch_size` entries; blocks up to `block_ms` when the queue is empty."""
+        entries = await self._pull(self._max, self._block_ms)
+        if not entries or len(entries) >= self._max or self._max_wait_s <= 0:
+            return entries
+        deadline = time.monotonic() + self._max_wait_s
+        while len(entries) < self._max and model_busy():
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms < 1:
+                break
+            more = await self._pull(self._max - len(entries), remaining_ms)
+            if not more:
+                break
+            entries.extend(more)
+        return entries

@@ -1,0 +1,214 @@
+"""The `sluice` command: up, submit, status, demo. `sluice COMMAND --help` for each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from sluice.client import Client
+from sluice.errors import SluiceError
+from sluice.protocol import GROUP, dead_key, decode_embedding, jobs_key
+from sluice.settings import Settings
+
+DEFAULT_CONFIG = "deployments/local.yaml"
+DEMO_SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A woman is holding a child in her arms.",
+    "A man is riding a horse.",
+    "Someone is riding a white horse on a track.",
+    "Two men pushed carts through the woods.",
+    "A monkey is playing drums.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(
+        level=args.log_level or settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args, settings))
+    except SluiceError as err:
+        print(f"error [{err.code}]: {err.message}", file=sys.stderr)
+        return 2
+    except (redis.ConnectionError, ConnectionError, FileNotFoundError, TimeoutError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sluice",
+        description="Queue-fed inference: put jobs into Redis, get results back, batched.",
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start redis-server (if none), local Ray and the Serve apps")
+    _stack_options(up)
+    up.set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="start the stack, embed sample sentences, print, stop")
+    _stack_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    submit = sub.add_parser("submit", help="submit texts to a model and print the results")
+    submit.add_argument("model", help="model name, e.g. minilm")
+    submit.add_argument("texts", nargs="+", metavar="TEXT", help="one job per text")
+    submit.add_argument("--redis-url", help="default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0")
+    submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
+    submit.add_argument("--no-wait", action="store_true", help="print the ids and return")
+    submit.add_argument("--json", action="store_true", help="print each result as raw JSON")
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="queue depth, pending, lag, dead letters, consumers")
+    status.add_argument("models", nargs="*", metavar="MODEL", help="default: every model found")
+    status.add_argument("--redis-url", help="default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def _stack_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"Serve config ({DEFAULT_CONFIG})")
+    p.add_argument("--redis-url", help="default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (all)")
+
+
+def _stack(args: argparse.Namespace, settings: Settings) -> Any:
+    from sluice.stack import LocalStack
+
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"no Serve config at {args.config} (run from the repo root?)")
+    url = args.redis_url or settings.redis_url
+    print(f"starting the local stack: redis {url}, Ray, {args.config} ...", flush=True)
+    return LocalStack(args.config, redis_url=url, num_cpus=args.num_cpus)
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    # SIGTERM unwinds like Ctrl-C, so whatever was started is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    with _stack(args, settings) as stack:
+        print(f"serving on {stack.redis_url}. Try:\n"
+              f"  sluice submit minilm 'hello world'\n"
+              f"  redis-cli XADD 'sluice:{{minilm}}:jobs' '*' id job-1 input "
+              f"'{{\"text\":\"hello\"}}'\nCtrl-C stops everything.", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("\nstopping ...", flush=True)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    with _stack(args, settings) as stack, Client(stack.redis_url) as client:
+        started = time.perf_counter()
+        ids = client.submit_many("minilm", DEMO_SENTENCES)
+        results = client.results(ids, timeout=120)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        vectors = np.stack([decode_embedding(r.output) for r in results])
+        print(f"\n{len(ids)} jobs through sluice:{{minilm}}:jobs in {elapsed_ms:.0f} ms "
+              f"(dimension {vectors.shape[1]}); cosine similarity:\n")
+        _print_similarity(vectors)
+        bad = client.submit("minilm", {"text": 42})
+        try:
+            client.result(bad)
+        except SluiceError as err:
+            print(f"\na malformed job ({{\"text\": 42}}) is answered, not dropped: "
+                  f"[{err.code}] {err.message}")
+    print("stack stopped.")
+    return 0
+
+
+def _print_similarity(vectors: np.ndarray[Any, Any]) -> None:
+    sims = vectors @ vectors.T
+    width = max(len(s) for s in DEMO_SENTENCES)
+    print(" " * (width + 2) + " ".join(f"{i:>5d}" for i in range(len(vectors))))
+    for i, sentence in enumerate(DEMO_SENTENCES):
+        print(f"{i} {sentence:<{width}} " + " ".join(f"{v:5.2f}" for v in sims[i]))
+    print("\nnearest neighbours:")
+    for i, sentence in enumerate(DEMO_SENTENCES):
+        j = int(np.argsort(-sims[i])[1])
+        print(f"  {sentence!r:<{width + 2}} -> {DEMO_SENTENCES[j]!r} ({sims[i, j]:.2f})")
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    with Client(args.redis_url or settings.redis_url) as client:
+        ids = client.submit_many(args.model, args.texts)
+        if args.no_wait:
+            print("\n".join(ids))
+            return 0
+        results = client.results(ids, timeout=args.timeout)
+    failed = 0
+    for text, res in zip(args.texts, results, strict=True):
+        if args.json:
+            print(res.to_json().decode())
+            continue
+        if res.ok and isinstance(res.output, list):
+            head = ", ".join(f"{v:.4f}" for v in res.output[:4])
+            print(f"{res.id} ok dim={len(res.output)} [{head}, ...] "
+                  f"{res.timings.get('total_ms', 0):.1f} ms  {text[:50]!r}")
+        else:
+            failed += not res.ok
+            print(f"{res.id} {res.status} {json.dumps(res.error or res.output)}")
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    client = redis.Redis.from_url(args.redis_url or settings.redis_url, decode_responses=True)
+    models = args.models or sorted(
+        key.split("{", 1)[1].split("}", 1)[0] for key in client.scan_iter("sluice:{*}:jobs")
+    )
+    report = [model_status(client, m) for m in models]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if not report:
+        print("no models found (no sluice:{M}:jobs stream yet)")
+    for row in report:
+        print(f"{row['model']}: depth {row['depth']}, pending {row['pending']}, lag {row['lag']}, "
+              f"dead letters {row['dead_letters']}, consumers {len(row['consumers'])}")
+        for c in row["consumers"]:
+            print(f"    {c['name']}: pending {c['pending']}, idle {c['idle_ms'] / 1000:.1f}s")
+    return 0
+
+
+def model_status(client: redis.Redis, model: str) -> dict[str, Any]:
+    """Depth, pending, lag, dead letters and consumers of one model's stream."""
+    key = jobs_key(model)
+    row: dict[str, Any] = {"model": model, "depth": client.xlen(key),
+                           "dead_letters": client.xlen(dead_key(model)),
+                           "pending": 0, "lag": None, "consumers": []}
+    try:
+        groups = {g["name"]: g for g in client.xinfo_groups(key)}
+    except redis.ResponseError:
+        return row
+    group = groups.get(GROUP)
+    if group is not None:
+        row["pending"], row["lag"] = group["pending"], group.get("lag")
+        row["consumers"] = [{"name": c["name"], "pending": c["pending"], "idle_ms": c["idle"]}
+                            for c in client.xinfo_consumers(key, GROUP)]
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(main())

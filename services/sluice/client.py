@@ -1,0 +1,287 @@
+"""The SDK: `AsyncClient` and its blocking twin `Client`.
+
+A client submits jobs with `reply_to` set to its own reply stream and waits by reading that
+stream (XREAD BLOCK), so waiting costs one blocked connection, not a poll per job. Results are
+also stored at `sluice:{M}:result:<id>`; a waiter that hears nothing for `recheck_s` reads those
+keys once, which covers a reply lost in a replica crash between the store and the push.
+
+    with Client() as client:
+        job_id = client.submit("minilm", "hello world")
+        vector = client.result(job_id).output
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from sluice.errors import JobCancelled, JobExpired, ResultTimeout, SluiceError, from_wire
+from sluice.protocol import (
+    Result,
+    check_model_name,
+    encode_job_fields,
+    jobs_key,
+    reply_key,
+    result_key,
+)
+from sluice.settings import Settings
+
+T = TypeVar("T")
+JobInput = Mapping[str, Any] | str
+
+
+def raise_for_status(result: Result) -> Result:
+    """Returns an `ok` result; raises the typed error of any other."""
+    if result.status == "ok":
+        return result
+    if result.status == "expired":
+        raise JobExpired("the job's deadline passed before it ran", job_id=result.id)
+    if result.status == "cancelled":
+        raise JobCancelled("the job was cancelled before it ran", job_id=result.id)
+    error = result.error or {"code": "internal", "message": "error result without an error"}
+    raise from_wire(error.get("code", "internal"), error.get("message", ""), job_id=result.id)
+
+
+def _as_input(value: JobInput) -> Mapping[str, Any]:
+    return {"text": value} if isinstance(value, str) else value
+
+
+class AsyncClient:
+    """Submits jobs and waits for their results over one reply stream."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        redis: aioredis.Redis | None = None,
+        recheck_s: float = 2.0,
+    ) -> None:
+        url = redis_url or Settings().redis_url
+        self.redis = redis or aioredis.Redis.from_url(url, socket_connect_timeout=5)
+        self.client_id = uuid.uuid4().hex
+        self.reply_stream = reply_key(self.client_id)
+        self.recheck_s = recheck_s
+        self._models: dict[str, str] = {}
+        self._arrived: dict[str, Result] = {}
+        self._waiters: dict[str, asyncio.Future[Result]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stops the reader, deletes this client's reply stream, closes the connection."""
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        try:
+            await self.redis.delete(self.reply_stream)
+        except (RedisError, OSError):
+            pass
+        await self.redis.aclose()
+
+    # -- submit -------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        model: str,
+        input: JobInput,
+        *,
+        id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        deadline_s: float | None = None,
+    ) -> str:
+        """Queues one job; returns its id. A `str` input means `{"text": input}`."""
+        ids = await self.submit_many(
+            model, [input], ids=None if id is None else [id], params=params, deadline_s=deadline_s
+        )
+        return ids[0]
+
+    async def submit_many(
+        self,
+        model: str,
+        inputs: Iterable[JobInput],
+        *,
+        ids: Sequence[str] | None = None,
+        params: Mapping[str, Any] | None = None,
+        deadline_s: float | None = None,
+    ) -> list[str]:
+        """Queues many jobs in one round trip; returns their ids in order."""
+        check_model_name(model)
+        items = list(inputs)
+        job_ids = list(ids) if ids is not None else [uuid.uuid4().hex for _ in items]
+        if len(job_ids) != len(items):
+            raise ValueError(f"got {len(items)} inputs but {len(job_ids)} ids")
+        deadline_ms = None if deadline_s is None else int((time.time() + deadline_s) * 1000)
+        entries = [
+            encode_job_fields(
+                job_id,
+                _as_input(item),
+                params=params,
+                deadline_ms=deadline_ms,
+                reply_to=self.reply_stream,
+            )
+            for job_id, item in zip(job_ids, items, strict=True)
+        ]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for fields in entries:
+                pipe.xadd(jobs_key(model), fields)  # type: ignore[arg-type]
+            await pipe.execute()
+        for job_id in job_ids:
+            self._models[job_id] = model
+        return job_ids
+
+    # -- wait ---------------------------------------------------------------------------------
+
+    async def result(
+        self, job_id: str, timeout: float = 30.0, *, model: str | None = None
+    ) -> Result:
+        """The job's `ok` result; raises its typed error, or `ResultTimeout`."""
+        (res,) = await self.results([job_id], timeout, model=model)
+        return raise_for_status(res)
+
+    async def results(
+        self, job_ids: Sequence[str], timeout: float = 30.0, *, model: str | None = None
+    ) -> list[Result]:
+        """Every job's final result, in order, whatever its status; `ResultTimeout` if any is
+        missing after `timeout` seconds. `model` is needed only for jobs another client sent."""
+        loop = asyncio.get_running_loop()
+        futures = {}
+        for job_id in job_ids:
+            fut = self._waiters.get(job_id) or loop.create_future()
+            if job_id in self._arrived:
+                fut.set_result(self._arrived.pop(job_id))
+            self._waiters[job_id] = futures[job_id] = fut
+        self._ensure_reader()
+        deadline = time.monotonic() + timeout
+        try:
+            while pending := [f for f in futures.values() if not f.done()]:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = [i for i, f in futures.items() if not f.done()]
+                    raise ResultTimeout(
+                        f"{len(missing)} of {len(job_ids)} results not ready after {timeout}s "
+                        f"(first: {missing[0]})",
+                        job_id=missing[0],
+                    )
+                await asyncio.wait(pending, timeout=min(self.recheck_s, remaining))
+                await self._recheck([i for i, f in futures.items() if not f.done()], model)
+        finally:
+            for job_id, fut in futures.items():
+                self._waiters.pop(job_id, None)
+                if fut.done():
+                    self._models.pop(job_id, None)
+        return [futures[job_id].result() for job_id in job_ids]
+
+    async def _recheck(self, job_ids: list[str], model: str | None) -> None:
+        """Reads stored results directly: a job sent elsewhere, or a reply lost in a crash."""
+        keys = []
+        for job_id in job_ids:
+            job_model = self._models.get(job_id, model)
+            if job_model is None:
+                raise ValueError(f"job {job_id!r} was not submitted by this client: pass model=")
+            keys.append(result_key(job_model, job_id))
+        if not keys:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(key)
+            values = await pipe.execute()
+        for raw in values:
+            if raw is not None:
+                self._deliver(Result.from_json(raw))
+
+    def _deliver(self, res: Result) -> None:
+        fut = self._waiters.get(res.id)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(res)
+        elif res.id in self._models:
+            # Nobody waits yet: keep it for the caller's later `result()`.
+            self._arrived[res.id] = res
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+
+    async def _read_replies(self) -> None:
+        last_id = "0-0"
+        while True:
+            try:
+                reply = await self.redis.xread({self.reply_stream: last_id}, count=1000, block=1000)
+            except (RedisError, OSError):
+                # The waiters' rechecks keep working from the result keys meanwhile.
+                await asyncio.sleep(0.5)
+                continue
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    raw = fields.get(b"result") or fields.get("result")
+                    if raw is not None:
+                        self._deliver(Result.from_json(raw))
+
+
+class Client:
+    """The blocking SDK: an `AsyncClient` driven on a private event-loop thread."""
+
+    def __init__(self, redis_url: str | None = None, *, recheck_s: float = 2.0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="sluice-client"
+        )
+        self._thread.start()
+        self._async = self._call(self._make(redis_url, recheck_s))
+
+    @staticmethod
+    async def _make(redis_url: str | None, recheck_s: float) -> AsyncClient:
+        return AsyncClient(redis_url, recheck_s=recheck_s)
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._call(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def submit(self, model: str, input: JobInput, **kwargs: Any) -> str:
+        """See `AsyncClient.submit`."""
+        return self._call(self._async.submit(model, input, **kwargs))
+
+    def submit_many(self, model: str, inputs: Iterable[JobInput], **kwargs: Any) -> list[str]:
+        """See `AsyncClient.submit_many`."""
+        return self._call(self._async.submit_many(model, list(inputs), **kwargs))
+
+    def result(self, job_id: str, timeout: float = 30.0, **kwargs: Any) -> Result:
+        """See `AsyncClient.result`."""
+        return self._call(self._async.result(job_id, timeout, **kwargs))
+
+    def results(self, job_ids: Sequence[str], timeout: float = 30.0, **kwargs: Any) -> list[Result]:
+        """See `AsyncClient.results`."""
+        return self._call(self._async.results(job_ids, timeout, **kwargs))
+
+
+__all__ = ["AsyncClient", "Client", "SluiceError", "raise_for_status"]

@@ -1,0 +1,144 @@
+"""Error codes and typed exceptions: one table maps each code to the wire and to HTTP.
+
+The tree::
+
+    SluiceError (code, retryable)
+    ├── InvalidInput        invalid_input      400   the job's fields or input are malformed
+    ├── InvalidParams       invalid_params     400   unknown or ill-typed per-job params
+    ├── InputTooLarge       input_too_large    413   input or params over the configured limit
+    ├── UnknownModel        unknown_model      404   no model of that name is served
+    ├── Rejected            rejected           429   admission refused the job (queue full)
+    ├── ModelFailure        model_failure      500   the model raised while running the batch
+    ├── DeadLettered        dead_lettered      500   delivered max_deliveries times, never finished
+    ├── Internal            internal           500   a bug in Sluice itself
+    ├── ResultTimeout       timeout            504   (client side) no result within the wait
+    ├── JobExpired          expired            410   the job's deadline passed before it ran
+    └── JobCancelled        cancelled          409   the job was cancelled before it ran
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    code: str
+    http_status: int
+    retryable: bool
+    summary: str
+
+
+class SluiceError(Exception):
+    """Base of every Sluice error. `code` is stable and is what goes on the wire."""
+
+    code: ClassVar[str] = "internal"
+    http_status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.job_id = job_id
+
+    def to_wire(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidInput(SluiceError):
+    """The job's fields or input are malformed."""
+
+    code, http_status = "invalid_input", 400
+
+
+class InvalidParams(SluiceError):
+    """Unknown or ill-typed per-job params."""
+
+    code, http_status = "invalid_params", 400
+
+
+class InputTooLarge(SluiceError):
+    """Input or params over the configured limit."""
+
+    code, http_status = "input_too_large", 413
+
+
+class UnknownModel(SluiceError):
+    """No model of that name is served."""
+
+    code, http_status = "unknown_model", 404
+
+
+class Rejected(SluiceError):
+    """Admission refused the job (queue full)."""
+
+    code, http_status, retryable = "rejected", 429, True
+
+
+class ModelFailure(SluiceError):
+    """The model raised while running the batch."""
+
+    code, http_status, retryable = "model_failure", 500, True
+
+
+class DeadLettered(SluiceError):
+    """Delivered max_deliveries times and never finished."""
+
+    code, http_status = "dead_lettered", 500
+
+
+class Internal(SluiceError):
+    """A bug in Sluice itself."""
+
+    code, http_status = "internal", 500
+
+
+class ResultTimeout(SluiceError):
+    """No result arrived within the client's wait."""
+
+    code, http_status, retryable = "timeout", 504, True
+
+
+class JobExpired(SluiceError):
+    """The job's deadline passed before it ran."""
+
+    code, http_status = "expired", 410
+
+
+class JobCancelled(SluiceError):
+    """The job was cancelled before it ran."""
+
+    code, http_status = "cancelled", 409
+
+
+_ALL: tuple[type[SluiceError], ...] = (
+    InvalidInput,
+    InvalidParams,
+    InputTooLarge,
+    UnknownModel,
+    Rejected,
+    ModelFailure,
+    DeadLettered,
+    Internal,
+    ResultTimeout,
+    JobExpired,
+    JobCancelled,
+)
+
+#: code -> exception class; the single source of truth for codes.
+BY_CODE: dict[str, type[SluiceError]] = {cls.code: cls for cls in _ALL}
+
+#: code -> (HTTP status, retryable, summary), for docs and the HTTP gateway.
+TABLE: dict[str, ErrorSpec] = {
+    cls.code: ErrorSpec(cls.code, cls.http_status, cls.retryable, (cls.__doc__ or "").strip())
+    for cls in _ALL
+}
+
+
+def from_wire(code: str, message: str, *, job_id: str | None = None) -> SluiceError:
+    """The typed exception for a wire error; unknown codes map to `SluiceError` itself."""
+    cls = BY_CODE.get(code)
+    if cls is None:
+        return SluiceError(f"{code}: {message}", job_id=job_id)
+    return cls(message, job_id=job_id)

@@ -1,0 +1,256 @@
+"""Wire protocol v1: key names, the job and result types, decoding and validation. No I/O.
+
+Every key of one model carries the hash tag `{M}` so that a model's keys share one Redis
+Cluster slot and one MULTI. Fields arrive as bytes and are decoded here, never by the Redis
+client, so that a job with invalid UTF-8 becomes an `invalid_input` result, not a crash.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from sluice.errors import InputTooLarge, InvalidInput, InvalidParams, SluiceError
+from sluice.settings import MODEL_NAME_RE, QueueSettings
+
+PROTOCOL_VERSION = 1
+GROUP = "workers"
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A reply_to must be a plain key name: printable, no spaces, bounded.
+REPLY_TO_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
+STATUSES = ("ok", "error", "expired", "cancelled")
+
+
+def jobs_key(model: str) -> str:
+    return f"sluice:{{{model}}}:jobs"
+
+
+def result_key(model: str, job_id: str) -> str:
+    return f"sluice:{{{model}}}:result:{job_id}"
+
+
+def dead_key(model: str) -> str:
+    return f"sluice:{{{model}}}:dead"
+
+
+def reply_key(client_id: str) -> str:
+    """The reply stream of one SDK client (its own slot in a cluster)."""
+    return f"sluice:reply:{{{client_id}}}"
+
+
+def check_model_name(model: str) -> str:
+    if not MODEL_NAME_RE.fullmatch(model):
+        raise ValueError(f"model name must match {MODEL_NAME_RE.pattern}, got {model!r}")
+    return model
+
+
+def entry_time_ms(entry_id: str) -> int:
+    """The Redis server time (ms) at which a stream entry was added, from its id."""
+    return int(entry_id.split("-", 1)[0])
+
+
+@dataclass(slots=True)
+class Job:
+    """One decoded, valid job as it travels from the pull loop to the writer."""
+
+    entry_id: str
+    id: str
+    input: dict[str, Any]
+    params: dict[str, Any]
+    deadline_ms: int | None = None
+    reply_to: str | None = None
+    deliveries: int = 1
+    enqueued_ms: int = 0
+    pulled_ms: float = field(default_factory=lambda: time.time() * 1000)
+
+    def expired(self, now_ms: float | None = None) -> bool:
+        if self.deadline_ms is None:
+            return False
+        return (time.time() * 1000 if now_ms is None else now_ms) >= self.deadline_ms
+
+
+@dataclass(slots=True)
+class BadEntry:
+    """An entry that failed validation. With no usable id it can only be dead-lettered."""
+
+    entry_id: str
+    fields: dict[str, str]
+    error: SluiceError
+    id: str | None
+    reply_to: str | None
+    deliveries: int = 1
+
+
+def decode_fields(raw: Mapping[bytes | str, bytes | str]) -> tuple[dict[str, str], set[str]]:
+    """Decodes names and values; returns the fields whose bytes were not valid UTF-8 too."""
+    out: dict[str, str] = {}
+    invalid: set[str] = set()
+    for key, value in raw.items():
+        k = key if isinstance(key, str) else key.decode("utf-8", "replace")
+        if isinstance(value, str):
+            out[k] = value
+            continue
+        try:
+            out[k] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            out[k] = value.decode("utf-8", "replace")
+            invalid.add(k)
+    return out, invalid
+
+
+def _json_object(name: str, raw: str, limit: int) -> dict[str, Any]:
+    if len(raw.encode()) > limit:
+        raise InputTooLarge(f"`{name}` is {len(raw.encode())} bytes, over the limit of {limit}")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        cls = InvalidParams if name == "params" else InvalidInput
+        raise cls(f"`{name}` is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        cls = InvalidParams if name == "params" else InvalidInput
+        raise cls(f"`{name}` must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def decode_job(
+    entry_id: str,
+    raw_fields: Mapping[bytes | str, bytes | str],
+    limits: QueueSettings,
+    deliveries: int = 1,
+) -> Job | BadEntry:
+    """Turns one stream entry into a `Job`, or a `BadEntry` saying what is wrong with it."""
+    fields, not_utf8 = decode_fields(raw_fields)
+    job_id = fields.get("id")
+    usable_id = job_id if job_id is not None and JOB_ID_RE.fullmatch(job_id) else None
+    reply_to = fields.get("reply_to")
+    usable_reply = reply_to if reply_to is not None and REPLY_TO_RE.fullmatch(reply_to) else None
+
+    def bad(err: SluiceError) -> BadEntry:
+        return BadEntry(entry_id, fields, err, usable_id, usable_reply, deliveries)
+
+    if job_id is None:
+        return bad(InvalidInput("missing field `id`"))
+    if usable_id is None:
+        return bad(InvalidInput(f"`id` must match {JOB_ID_RE.pattern}, got {job_id[:160]!r}"))
+    try:
+        if reply_to is not None and usable_reply is None:
+            raise InvalidInput(f"`reply_to` must match {REPLY_TO_RE.pattern}")
+        if "input" not in fields:
+            raise InvalidInput("missing field `input`")
+        if not_utf8:
+            raise InvalidInput(f"fields {sorted(not_utf8)} are not valid UTF-8")
+        job_input = _json_object("input", fields["input"], limits.max_input_bytes)
+        params = _json_object("params", fields.get("params", "{}"), limits.max_params_bytes)
+        deadline_ms = _deadline(fields.get("deadline_ms"))
+    except SluiceError as err:
+        return bad(err)
+    return Job(
+        entry_id=entry_id,
+        id=usable_id,
+        input=job_input,
+        params=params,
+        deadline_ms=deadline_ms,
+        reply_to=usable_reply,
+        deliveries=deliveries,
+        enqueued_ms=entry_time_ms(entry_id),
+    )
+
+
+def _deadline(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"`deadline_ms` must be an integer (Unix ms), got {raw[:40]!r}") from exc
+    if value <= 0:
+        raise InvalidInput(f"`deadline_ms` must be positive, got {value}")
+    return value
+
+
+def encode_job_fields(
+    job_id: str,
+    job_input: Mapping[str, Any],
+    *,
+    params: Mapping[str, Any] | None = None,
+    deadline_ms: int | None = None,
+    reply_to: str | None = None,
+) -> dict[str, str]:
+    """The stream-entry fields for one job, as any producer would XADD them."""
+    if not JOB_ID_RE.fullmatch(job_id):
+        raise InvalidInput(f"job id must match {JOB_ID_RE.pattern}, got {job_id!r}")
+    fields = {"id": job_id, "input": orjson.dumps(dict(job_input)).decode()}
+    if params:
+        fields["params"] = orjson.dumps(dict(params)).decode()
+    if deadline_ms is not None:
+        fields["deadline_ms"] = str(int(deadline_ms))
+    if reply_to is not None:
+        fields["reply_to"] = reply_to
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(slots=True)
+class Result:
+    """A job's one final result, as stored at `sluice:{M}:result:<id>`."""
+
+    id: str
+    model: str
+    status: str
+    output: Any = None
+    error: dict[str, str] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> bytes:
+        body: dict[str, Any] = {"id": self.id, "model": self.model, "status": self.status}
+        if self.status == "ok":
+            body["output"] = self.output
+        if self.error is not None:
+            body["error"] = self.error
+        body["timings"] = self.timings
+        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Result:
+        body = orjson.loads(raw)
+        return cls(
+            id=body["id"],
+            model=body["model"],
+            status=body["status"],
+            output=body.get("output"),
+            error=body.get("error"),
+            timings=body.get("timings", {}),
+        )
+
+
+def error_result(model: str, job_id: str, err: SluiceError, **timings: float) -> Result:
+    status = err.code if err.code in ("expired", "cancelled") else "error"
+    error = None if status != "error" else err.to_wire()
+    return Result(job_id, model, status, error=error, timings=dict(timings))
+
+
+def encode_embedding(vector: np.ndarray[Any, Any], encoding: str) -> Any:
+    """A float list (default) or base64 of little-endian float32 (OpenAI's convention)."""
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode()
+    return vector.astype(np.float32, copy=False)
+
+
+def decode_embedding(output: Any) -> np.ndarray[Any, Any]:
+    if isinstance(output, str):
+        return np.frombuffer(base64.b64decode(output), dtype="<f4")
+    return np.asarray(output, dtype=np.float32)

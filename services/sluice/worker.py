@@ -1,0 +1,373 @@
+"""One model's pipeline in one process: pull → admit → prepare → run → write.
+
+Three owned tasks joined by bounded queues, so each stage overlaps the others:
+
+    pull loop   XREADGROUP (+ reclaim) → decode → bad/expired answered at once
+                → encode + cut + collate in the prep thread → run queue (bounded)
+    run loop    forward pass in the model thread → results → write queue
+    write loop  SET NX + XACK in one MULTI → reply_to pushes
+
+While batch k runs on the model thread, batch k+1 is pulled and tokenized. The run queue holds
+`prefetch_batches` batches, so a replica never pulls much more than it can run (backpressure).
+Ray-free on purpose: the Serve replica wraps it, and benchmarks and tests can drive it bare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from sluice.batching import Batch, Collector, cut_batches
+from sluice.errors import DeadLettered, InvalidInput, JobExpired, ModelFailure, SluiceError
+from sluice.protocol import BadEntry, Job, Result, decode_fields, decode_job, error_result
+from sluice.queue import DeadLetter, Entry, Outcome, StreamQueue
+from sluice.runners.base import Encoded, Runner
+from sluice.settings import ModelSettings, QueueSettings
+
+log = logging.getLogger(__name__)
+
+WriteItem = list[Outcome] | list[DeadLetter]
+
+
+@dataclass
+class WorkerStats:
+    """Counters a replica reports (tests and `info()` read them)."""
+
+    batches: int = 0
+    ok: int = 0
+    errors: int = 0
+    expired: int = 0
+    dead_letters: int = 0
+    reclaimed: int = 0
+    duplicates: int = 0
+    redis_errors: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class Backoff:
+    """Exponential backoff with jitter, for Redis outages."""
+
+    def __init__(self, first_s: float = 0.1, max_s: float = 5.0) -> None:
+        self._first_s, self._max_s, self._next_s = first_s, max_s, first_s
+
+    def reset(self) -> None:
+        self._next_s = self._first_s
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self._next_s * random.uniform(0.5, 1.0))
+        self._next_s = min(self._next_s * 2, self._max_s)
+
+
+class Worker:
+    """Serves one model's stream until stopped."""
+
+    def __init__(
+        self, queue: StreamQueue, runner: Runner, model: ModelSettings, limits: QueueSettings
+    ) -> None:
+        self.queue = queue
+        self.runner = runner
+        self.model = model
+        self.limits = limits
+        self.stats = WorkerStats()
+        self._collector = Collector(queue.pull, model, limits.block_ms)
+        self._run_q: asyncio.Queue[Batch | None] = asyncio.Queue(model.prefetch_batches)
+        self._write_q: asyncio.Queue[WriteItem | None] = asyncio.Queue(8)
+        self._prep_pool = ThreadPoolExecutor(1, thread_name_prefix="sluice-prep")
+        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="sluice-model")
+        self._stopping = asyncio.Event()
+        self._busy = False
+        self._next_reclaim = 0.0
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the three loops as owned tasks on the running event loop."""
+        self._own("pull", self._pull_loop())
+        self._own("run", self._run_loop())
+        self._own("write", self._write_loop())
+
+    def _own(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"sluice-{name}")
+        task.add_done_callback(self._on_task_done)
+        self._tasks[name] = task
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s died", task.get_name(), exc_info=task.exception())
+
+    def check_health(self) -> None:
+        """Raises if a loop has died: Serve then replaces this replica."""
+        for name, task in self._tasks.items():
+            if task.done() and not self._stopping.is_set():
+                exc = None if task.cancelled() else task.exception()
+                raise RuntimeError(f"the {name} loop of {self.model.name} stopped: {exc!r}")
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stops pulling, finishes the batches already pulled, writes their results.
+
+        Each stage drains into the next before it is told to stop, so nothing pulled is left
+        unanswered; past `timeout_s` the loops are cancelled and any entry still pending is
+        reclaimed by another replica after the visibility timeout.
+        """
+        self._stopping.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._tasks["pull"]
+                await self._run_q.put(None)
+                await self._tasks["run"]
+                await self._write_q.put(None)
+                await self._tasks["write"]
+                await self.queue.leave()
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.warning("stop of %s was not clean: %r", self.model.name, exc)
+        finally:
+            for task in self._tasks.values():
+                task.cancel()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            self._prep_pool.shutdown(wait=False, cancel_futures=True)
+            self._model_pool.shutdown(wait=False, cancel_futures=True)
+        log.info("worker for %s stopped: %s", self.model.name, self.stats)
+
+    # -- pull ---------------------------------------------------------------------------------
+
+    async def _pull_loop(self) -> None:
+        backoff = Backoff()
+        group_ready = False
+        while not self._stopping.is_set():
+            try:
+                if not group_ready:
+                    await self.queue.ensure_group()
+                    group_ready = True
+                entries = await self._collector.collect(lambda: self._busy)
+                entries += await self._maybe_reclaim()
+                backoff.reset()
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                log.warning("redis unavailable while pulling (%r); backing off", exc)
+                group_ready = False
+                await backoff.sleep()
+                continue
+            if entries:
+                await self._admit(entries)
+
+    async def _maybe_reclaim(self) -> list[Entry]:
+        now = time.monotonic()
+        if now < self._next_reclaim:
+            return []
+        self._next_reclaim = now + self.limits.reclaim_interval_s
+        entries = await self.queue.reclaim(self.model.max_batch_size)
+        self.stats.reclaimed += len(entries)
+        return entries
+
+    async def _admit(self, entries: Sequence[Entry]) -> None:
+        """Answers what cannot run (bad, expired, over-delivered); sends the rest on."""
+        jobs: list[Job] = []
+        answers: list[Outcome] = []
+        letters: list[DeadLetter] = []
+        for entry in entries:
+            decoded = decode_job(entry.entry_id, entry.fields, self.limits, entry.deliveries)
+            if entry.deliveries > self.limits.max_deliveries:
+                letters.append(self._over_delivered(entry, decoded))
+            elif isinstance(decoded, BadEntry):
+                self._refuse(decoded, answers, letters)
+            elif decoded.expired():
+                answers.append(
+                    self._outcome(
+                        decoded,
+                        error_result(self.model.name, decoded.id, JobExpired("deadline passed")),
+                    )
+                )
+            else:
+                jobs.append(decoded)
+        await self._send(answers)
+        await self._send(letters)
+        if jobs:
+            loop = asyncio.get_running_loop()
+            batches, failed = await loop.run_in_executor(self._prep_pool, self._prepare, jobs)
+            await self._send(failed)
+            for batch in batches:
+                await self._run_q.put(batch)
+
+    def _refuse(self, bad: BadEntry, answers: list[Outcome], letters: list[DeadLetter]) -> None:
+        if bad.id is None:
+            letters.append(DeadLetter(bad.entry_id, bad.fields, bad.error.message, bad.deliveries))
+            return
+        answers.append(self._outcome(bad, error_result(self.model.name, bad.id, bad.error)))
+
+    def _over_delivered(self, entry: Entry, decoded: Job | BadEntry) -> DeadLetter:
+        """An entry that keeps coming back (it crashed or stalled its replica) is retired."""
+        reason = (
+            f"delivered {entry.deliveries} times, over max_deliveries "
+            f"({self.limits.max_deliveries})"
+        )
+        outcome = None
+        if decoded.id is not None:
+            res = error_result(self.model.name, decoded.id, DeadLettered(reason))
+            outcome = self._outcome(decoded, res)
+        fields, _ = decode_fields(entry.fields)
+        return DeadLetter(entry.entry_id, fields, reason, entry.deliveries, outcome)
+
+    def _prepare(self, jobs: list[Job]) -> tuple[list[Batch], list[Outcome]]:
+        """Prep thread: tokenize, cut by size and token budget, collate."""
+        encoded = self._encode(jobs)
+        failed = [
+            self._outcome(job, error_result(self.model.name, job.id, item))
+            for job, item in zip(jobs, encoded, strict=True)
+            if isinstance(item, SluiceError)
+        ]
+        valid = [item for item in encoded if isinstance(item, Encoded)]
+        groups = cut_batches(valid, self.model.max_batch_size, self.model.max_batch_tokens)
+        return [Batch(group, self.runner.collate(group)) for group in groups], failed
+
+    def _encode(self, jobs: list[Job]) -> list[Encoded | SluiceError]:
+        try:
+            return self.runner.encode(jobs)
+        except Exception:
+            # One input broke the tokenizer: find it by encoding jobs one at a time.
+            log.exception("encode failed for a batch of %d; isolating", len(jobs))
+            out: list[Encoded | SluiceError] = []
+            for job in jobs:
+                try:
+                    out.extend(self.runner.encode([job]))
+                except Exception as exc:
+                    out.append(InvalidInput(f"input could not be tokenized: {exc}"))
+            return out
+
+    # -- run ----------------------------------------------------------------------------------
+
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (batch := await self._run_q.get()) is not None:
+            now_ms = time.time() * 1000
+            live = [i for i in batch.items if not i.job.expired(now_ms)]
+            late = [i.job for i in batch.items if i.job.expired(now_ms)]
+            if late:
+                await self._send(
+                    [
+                        self._outcome(
+                            j,
+                            error_result(
+                                self.model.name,
+                                j.id,
+                                JobExpired("deadline passed before the batch ran"),
+                            ),
+                        )
+                        for j in late
+                    ]
+                )
+                if not live:
+                    continue
+                batch = Batch(
+                    live, await loop.run_in_executor(self._prep_pool, self.runner.collate, live)
+                )
+            self._busy = True
+            try:
+                outcomes = await loop.run_in_executor(self._model_pool, self._run_batch, batch)
+            finally:
+                self._busy = False
+            await self._send(outcomes)
+
+    def _run_batch(self, batch: Batch) -> list[Outcome]:
+        """Model thread: forward pass and results; a failing batch is retried job by job."""
+        start_ms = time.time() * 1000
+        try:
+            outputs: list[Any] = self.runner.finish(self.runner.run(batch.prepared), batch.items)
+        except Exception as exc:
+            if len(batch.items) == 1:
+                log.exception("model failed on job %s", batch.items[0].job.id)
+                err = ModelFailure(f"{type(exc).__name__}: {exc}")
+                return [
+                    self._outcome(
+                        batch.items[0].job,
+                        error_result(self.model.name, batch.items[0].job.id, err),
+                    )
+                ]
+            log.exception("model failed on a batch of %d; retrying one by one", len(batch.items))
+            return [
+                o
+                for item in batch.items
+                for o in self._run_batch(Batch([item], self.runner.collate([item])))
+            ]
+        done_ms = time.time() * 1000
+        self.stats.batches += 1
+        log.debug(
+            "batch of %d (%d padded tokens) in %.1f ms",
+            len(batch.items),
+            batch.padded_tokens,
+            done_ms - start_ms,
+        )
+        return [
+            self._outcome(
+                item.job,
+                Result(
+                    item.job.id,
+                    self.model.name,
+                    "ok",
+                    output=output,
+                    timings=_timings(item.job, batch, start_ms, done_ms),
+                ),
+            )
+            for item, output in zip(batch.items, outputs, strict=True)
+        ]
+
+    # -- write --------------------------------------------------------------------------------
+
+    async def _send(self, items: WriteItem) -> None:
+        if items:
+            await self._write_q.put(items)
+
+    async def _write_loop(self) -> None:
+        backoff = Backoff()
+        while (item := await self._write_q.get()) is not None:
+            while True:
+                try:
+                    await self._write(item)
+                    backoff.reset()
+                    break
+                except (RedisError, OSError) as exc:
+                    # Results stay in memory until Redis takes them; retrying is safe because
+                    # SET NX + XACK is idempotent.
+                    self.stats.redis_errors += 1
+                    log.warning("redis unavailable while writing (%r); retrying", exc)
+                    await backoff.sleep()
+
+    async def _write(self, item: WriteItem) -> None:
+        if item and isinstance(item[0], DeadLetter):
+            letters = [d for d in item if isinstance(d, DeadLetter)]
+            await self.queue.dead_letter(letters)
+            self.stats.dead_letters += len(letters)
+            return
+        outcomes = [o for o in item if isinstance(o, Outcome)]
+        stored = await self.queue.finish(outcomes)
+        self.stats.duplicates += len(outcomes) - stored
+        for o in outcomes:
+            if o.status == "ok":
+                self.stats.ok += 1
+            elif o.status == "expired":
+                self.stats.expired += 1
+            else:
+                self.stats.errors += 1
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _outcome(self, job: Job | BadEntry, result: Result) -> Outcome:
+        return Outcome(job.entry_id, result.id, result.to_json(), job.reply_to, result.status)
+
+
+def _timings(job: Job, batch: Batch, start_ms: float, done_ms: float) -> dict[str, float]:
+    return {
+        "queue_ms": round(job.pulled_ms - job.enqueued_ms, 3),
+        "batch_wait_ms": round(start_ms - job.pulled_ms, 3),
+        "compute_ms": round(done_ms - start_ms, 3),
+        "total_ms": round(done_ms - job.enqueued_ms, 3),
+        "batch_size": len(batch.items),
+    }
