@@ -99,10 +99,11 @@ def deploy(ray_serve: None, redis_url: str) -> Iterator[Deploy]:
     names: list[str] = []
 
     def _deploy(name: str, model_path: str, *, num_replicas: int = 1, num_cpus: float = 0.5,
-                queue: dict[str, Any] | None = None, **model: Any) -> Any:
+                queue: dict[str, Any] | None = None, url: str | None = None,
+                **model: Any) -> Any:
         model.setdefault("torch_threads", 1)
         args = {"model": {"name": name, "model_path": model_path, **model},
-                "queue": queue or {}, "redis_url": redis_url}
+                "queue": queue or {}, "redis_url": url or redis_url}
         config = ReplicaConfig.from_args(args).model_dump(mode="json")
         app = Replica.options(num_replicas=num_replicas,
                               ray_actor_options={"num_cpus": num_cpus}).bind(config)
