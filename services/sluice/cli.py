@@ -103,10 +103,13 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     # SIGTERM unwinds like Ctrl-C, so whatever was started is stopped.
     signal.signal(signal.SIGTERM, _interrupt)
     with _stack(args, settings) as stack:
-        print(f"serving on {stack.redis_url}. Try:\n"
-              f"  sluice submit minilm 'hello world'\n"
-              f"  redis-cli XADD 'sluice:{{minilm}}:jobs' '*' id job-1 input "
-              f"'{{\"text\":\"hello\"}}'\nCtrl-C stops everything.", flush=True)
+        print(
+            f"serving on {stack.redis_url}. Try:\n"
+            f"  sluice submit minilm 'hello world'\n"
+            f"  redis-cli XADD 'sluice:{{minilm}}:jobs' '*' id job-1 input "
+            f'\'{{"text":"hello"}}\'\nCtrl-C stops everything.',
+            flush=True,
+        )
         try:
             while True:
                 time.sleep(1)
@@ -126,15 +129,19 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         results = client.results(ids, timeout=120)
         elapsed_ms = (time.perf_counter() - started) * 1000
         vectors = np.stack([decode_embedding(r.output) for r in results])
-        print(f"\n{len(ids)} jobs through sluice:{{minilm}}:jobs in {elapsed_ms:.0f} ms "
-              f"(dimension {vectors.shape[1]}); cosine similarity:\n")
+        print(
+            f"\n{len(ids)} jobs through sluice:{{minilm}}:jobs in {elapsed_ms:.0f} ms "
+            f"(dimension {vectors.shape[1]}); cosine similarity:\n"
+        )
         _print_similarity(vectors)
         bad = client.submit("minilm", {"text": 42})
         try:
             client.result(bad)
         except SluiceError as err:
-            print(f"\na malformed job ({{\"text\": 42}}) is answered, not dropped: "
-                  f"[{err.code}] {err.message}")
+            print(
+                f'\na malformed job ({{"text": 42}}) is answered, not dropped: '
+                f"[{err.code}] {err.message}"
+            )
     print("stack stopped.")
     return 0
 
@@ -165,8 +172,10 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             continue
         if res.ok and isinstance(res.output, list):
             head = ", ".join(f"{v:.4f}" for v in res.output[:4])
-            print(f"{res.id} ok dim={len(res.output)} [{head}, ...] "
-                  f"{res.timings.get('total_ms', 0):.1f} ms  {text[:50]!r}")
+            print(
+                f"{res.id} ok dim={len(res.output)} [{head}, ...] "
+                f"{res.timings.get('total_ms', 0):.1f} ms  {text[:50]!r}"
+            )
         else:
             failed += not res.ok
             print(f"{res.id} {res.status} {json.dumps(res.error or res.output)}")
@@ -185,8 +194,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if not report:
         print("no models found (no sluice:{M}:jobs stream yet)")
     for row in report:
-        print(f"{row['model']}: depth {row['depth']}, pending {row['pending']}, lag {row['lag']}, "
-              f"dead letters {row['dead_letters']}, consumers {len(row['consumers'])}")
+        print(
+            f"{row['model']}: depth {row['depth']}, pending {row['pending']}, lag {row['lag']}, "
+            f"dead letters {row['dead_letters']}, consumers {len(row['consumers'])}"
+        )
         for c in row["consumers"]:
             print(f"    {c['name']}: pending {c['pending']}, idle {c['idle_ms'] / 1000:.1f}s")
     return 0
@@ -195,9 +206,14 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def model_status(client: redis.Redis, model: str) -> dict[str, Any]:
     """Depth, pending, lag, dead letters and consumers of one model's stream."""
     key = jobs_key(model)
-    row: dict[str, Any] = {"model": model, "depth": client.xlen(key),
-                           "dead_letters": client.xlen(dead_key(model)),
-                           "pending": 0, "lag": None, "consumers": []}
+    row: dict[str, Any] = {
+        "model": model,
+        "depth": client.xlen(key),
+        "dead_letters": client.xlen(dead_key(model)),
+        "pending": 0,
+        "lag": None,
+        "consumers": [],
+    }
     try:
         groups = {g["name"]: g for g in client.xinfo_groups(key)}
     except redis.ResponseError:
@@ -205,8 +221,10 @@ def model_status(client: redis.Redis, model: str) -> dict[str, Any]:
     group = groups.get(GROUP)
     if group is not None:
         row["pending"], row["lag"] = group["pending"], group.get("lag")
-        row["consumers"] = [{"name": c["name"], "pending": c["pending"], "idle_ms": c["idle"]}
-                            for c in client.xinfo_consumers(key, GROUP)]
+        row["consumers"] = [
+            {"name": c["name"], "pending": c["pending"], "idle_ms": c["idle"]}
+            for c in client.xinfo_consumers(key, GROUP)
+        ]
     return row
 
 

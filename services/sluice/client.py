@@ -124,7 +124,7 @@ class AsyncClient:
         if len(job_ids) != len(items):
             raise ValueError(f"got {len(items)} inputs but {len(job_ids)} ids")
         deadline_ms = None if deadline_s is None else int((time.time() + deadline_s) * 1000)
-        entries = [
+        entries: list[dict[Any, Any]] = [
             encode_job_fields(
                 job_id,
                 _as_input(item),
@@ -136,7 +136,7 @@ class AsyncClient:
         ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for fields in entries:
-                pipe.xadd(jobs_key(model), fields)  # type: ignore[arg-type]
+                pipe.xadd(jobs_key(model), fields)
             await pipe.execute()
         for job_id in job_ids:
             self._models[job_id] = model
@@ -219,7 +219,9 @@ class AsyncClient:
         last_id = "0-0"
         while True:
             try:
-                reply = await self.redis.xread({self.reply_stream: last_id}, count=1000, block=1000)
+                reply: Any = await self.redis.xread(
+                    {self.reply_stream: last_id}, count=1000, block=1000
+                )
             except (RedisError, OSError):
                 # The waiters' rechecks keep working from the result keys meanwhile.
                 await asyncio.sleep(0.5)

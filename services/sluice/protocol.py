@@ -88,7 +88,7 @@ class BadEntry:
     deliveries: int = 1
 
 
-def decode_fields(raw: Mapping[bytes | str, bytes | str]) -> tuple[dict[str, str], set[str]]:
+def decode_fields(raw: Mapping[Any, bytes | str]) -> tuple[dict[str, str], set[str]]:
     """Decodes names and values; returns the fields whose bytes were not valid UTF-8 too."""
     out: dict[str, str] = {}
     invalid: set[str] = set()
@@ -121,7 +121,7 @@ def _json_object(name: str, raw: str, limit: int) -> dict[str, Any]:
 
 def decode_job(
     entry_id: str,
-    raw_fields: Mapping[bytes | str, bytes | str],
+    raw_fields: Mapping[Any, bytes | str],
     limits: QueueSettings,
     deliveries: int = 1,
 ) -> Job | BadEntry:

@@ -95,7 +95,7 @@ class StreamQueue:
     async def pull(self, count: int, block_ms: int | None) -> list[Entry]:
         """New entries for this consumer; blocks up to `block_ms` when there are none."""
         try:
-            reply = await self.redis.xreadgroup(
+            reply: Any = await self.redis.xreadgroup(
                 GROUP, self.consumer, {self.jobs_key: ">"}, count=count, block=block_ms
             )
         except ResponseError as exc:
@@ -117,7 +117,7 @@ class StreamQueue:
         """
         min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
         try:
-            pending = await self.redis.xpending_range(
+            pending: Any = await self.redis.xpending_range(
                 self.jobs_key, GROUP, min="-", max="+", count=count, idle=min_idle_ms
             )
         except ResponseError as exc:
@@ -127,7 +127,7 @@ class StreamQueue:
         if not pending:
             return []
         counts = {_id(p["message_id"]): int(p["times_delivered"]) for p in pending}
-        claimed = await self.redis.xclaim(
+        claimed: Any = await self.redis.xclaim(
             self.jobs_key, GROUP, self.consumer, min_idle_ms, list(counts)
         )
         entries = []
@@ -186,7 +186,7 @@ class StreamQueue:
             for o in with_result:
                 tx.set(result_key(self.model, o.job_id), o.result_json, nx=True, ex=ttl)
             for d in letters:
-                fields = {
+                fields: dict[Any, Any] = {
                     **d.fields,
                     "reason": d.reason,
                     "deliveries": str(d.deliveries),

@@ -43,7 +43,7 @@ def consumer_name() -> str:
 class Replica:
     """Pulls, batches, runs and answers one model's jobs."""
 
-    async def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
         self.config = ReplicaConfig.model_validate(config)
         logging.getLogger("sluice").setLevel(self.config.settings.log_level)
         model = self.config.model
@@ -83,4 +83,5 @@ def build_app(args: dict[str, Any]) -> Application:
     comes from `SLUICE_REDIS_URL`. Validated here, so a bad config fails the deploy, loudly.
     """
     config = ReplicaConfig.from_args(args)
-    return Replica.bind(config.model_dump(mode="json"))
+    app: Application = Replica.bind(config.model_dump(mode="json"))  # type: ignore[attr-defined]
+    return app

@@ -190,7 +190,7 @@ class LocalStack:
 
         if ray.is_initialized():
             with contextlib.suppress(Exception):
-                serve.shutdown()
+                serve.shutdown()  # type: ignore[no-untyped-call]
             ray.shutdown()
         if self.redis is not None:
             self.redis.cleanup()

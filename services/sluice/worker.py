@@ -280,7 +280,7 @@ class Worker:
         """Model thread: forward pass and results; a failing batch is retried job by job."""
         start_ms = time.time() * 1000
         try:
-            outputs: list[Any] = self.runner.finish(self.runner.run(batch.prepared), batch.items)
+            outputs = self.runner.finish(self.runner.run(batch.prepared), batch.items)
         except Exception as exc:
             if len(batch.items) == 1:
                 log.exception("model failed on job %s", batch.items[0].job.id)

@@ -14,8 +14,11 @@ pytestmark = pytest.mark.integration
 def test_graceful_stop_answers_everything_it_pulled(r, deploy, model_name, tiny_bert):
     deploy(model_name, tiny_bert, max_batch_size=8, prefetch_batches=4)
     ids = xadd_jobs(r, model_name, [f"text {i} " + "pad " * (i % 60) for i in range(3000)])
-    wait_for(lambda: any(v is not None for v in results_of(r, model_name, ids[:200]).values()),
-             60, what="the run to be under way")
+    wait_for(
+        lambda: any(v is not None for v in results_of(r, model_name, ids[:200]).values()),
+        60,
+        what="the run to be under way",
+    )
 
     serve.delete(model_name, _blocking=True)
 

