@@ -1,0 +1,40 @@
+"""`sluice demo` end to end in a child process: its own redis-server, Ray and Serve config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sluice.stack import free_port, redis_answers
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_starts_serves_and_stops_everything(tmp_path, tiny_bert):
+    config = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
+    app = config["applications"][0]
+    app["args"]["model"].update(model_path=tiny_bert, torch_threads=1)
+    app["deployments"][0]["ray_actor_options"]["num_cpus"] = 0.5
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    url = f"redis://127.0.0.1:{free_port()}/0"
+
+    out = subprocess.run(
+        [sys.executable, "-m", "sluice.cli", "demo", "--config", str(path), "--redis-url", url,
+         "--num-cpus", "1"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "RAY_ADDRESS": "local"},
+    )  # fmt: skip
+
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "8 jobs through sluice:{minilm}:jobs" in out.stdout
+    assert "nearest neighbours:" in out.stdout
+    assert "[invalid_input]" in out.stdout
+    assert "stack stopped." in out.stdout
+    assert not redis_answers(url), "the redis-server the demo started is still running"
