@@ -23,8 +23,10 @@ from sluice.settings import MODEL_NAME_RE, QueueSettings
 PROTOCOL_VERSION = 1
 GROUP = "workers"
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# A reply_to must be a plain key name: printable, no spaces, bounded.
-REPLY_TO_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
+# A reply_to must be a plain key name: printable, no spaces, bounded, and not one of a model's
+# own keys (`sluice:{M}:...`): a push there could corrupt the queue.
+REPLY_TO_RE = re.compile(r"^(?!sluice:\{)[\x21-\x7e]{1,256}$")
+DEADLINE_RE = re.compile(r"^[0-9]{1,16}$")
 STATUSES = ("ok", "error", "expired", "cancelled")
 
 
@@ -166,10 +168,9 @@ def decode_job(
 def _deadline(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise InvalidInput(f"`deadline_ms` must be an integer (Unix ms), got {raw[:40]!r}") from exc
+    if not DEADLINE_RE.fullmatch(raw):
+        raise InvalidInput(f"`deadline_ms` must be an integer (Unix ms), got {raw[:40]!r}")
+    value = int(raw)
     if value <= 0:
         raise InvalidInput(f"`deadline_ms` must be positive, got {value}")
     return value
@@ -238,9 +239,9 @@ class Result:
 
 
 def error_result(model: str, job_id: str, err: SluiceError, **timings: float) -> Result:
+    """A final result that is not `ok`; `error` says why, for `expired`/`cancelled` too."""
     status = err.code if err.code in ("expired", "cancelled") else "error"
-    error = None if status != "error" else err.to_wire()
-    return Result(job_id, model, status, error=error, timings=dict(timings))
+    return Result(job_id, model, status, error=err.to_wire(), timings=dict(timings))
 
 
 def encode_embedding(vector: np.ndarray[Any, Any], encoding: str) -> Any:

@@ -22,6 +22,18 @@ log = logging.getLogger(__name__)
 
 RawFields = dict[bytes, bytes]
 
+# Pushes a result to a caller's reply stream, and touches nothing that is not a stream: a
+# `reply_to` naming some other key (a result, a string) is left exactly as it was.
+PUSH_REPLY_LUA = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'stream' and kind ~= 'none' then
+  return 0
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'result', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
 
 @dataclass(slots=True)
 class Entry:
@@ -82,6 +94,7 @@ class StreamQueue:
         self.settings = settings
         self.jobs_key = jobs_key(model)
         self.dead_key = dead_key(model)
+        self._push_reply = redis.register_script(PUSH_REPLY_LUA)
 
     async def ensure_group(self) -> None:
         """Creates the group at id 0 (never `$`): jobs queued before any replica are served."""
@@ -161,20 +174,15 @@ class StreamQueue:
         pushes = [(o.reply_to, o) for o in stored if o.reply_to]
         if not pushes:
             return
+        limits = (self.settings.reply_maxlen, self.settings.reply_ttl_s)
         async with self.redis.pipeline(transaction=False) as pipe:
             for reply_to, o in pushes:
-                pipe.xadd(
-                    reply_to,
-                    {"result": o.result_json},
-                    maxlen=self.settings.reply_maxlen,
-                    approximate=True,
-                )
-                pipe.expire(reply_to, self.settings.reply_ttl_s)
+                await self._push_reply(keys=[reply_to], args=[o.result_json, *limits], client=pipe)
             results = await pipe.execute(raise_on_error=False)
-        for res in results:
-            if isinstance(res, Exception):
-                # A reply_to that is not a stream (WRONGTYPE) must not block the ack path.
-                log.warning("reply push failed: %s", res)
+        for (reply_to, _), res in zip(pushes, results, strict=True):
+            if res == 0 or isinstance(res, Exception):
+                # The result is stored and acked either way: a bad reply_to costs only the push.
+                log.warning("no reply pushed to %r: %s", reply_to, res or "not a stream")
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         """Moves entries to the dead stream with their reason, acks them, stores any result."""

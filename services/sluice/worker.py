@@ -121,11 +121,12 @@ class Worker:
         self._stopping.set()
         try:
             async with asyncio.timeout(timeout_s):
-                await self._tasks["pull"]
+                # asyncio.wait, not await: a loop that already died must not abort the drain.
+                await asyncio.wait([self._tasks["pull"]])
                 await self._run_q.put(None)
-                await self._tasks["run"]
+                await asyncio.wait([self._tasks["run"]])
                 await self._write_q.put(None)
-                await self._tasks["write"]
+                await asyncio.wait([self._tasks["write"]])
                 await self.queue.leave()
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning("stop of %s was not clean: %r", self.model.name, exc)

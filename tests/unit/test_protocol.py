@@ -108,7 +108,8 @@ def test_result_json_roundtrip_and_shapes():
     err = error_result("m", "b", InvalidInput("bad"))
     assert orjson.loads(err.to_json())["error"] == {"code": "invalid_input", "message": "bad"}
     expired = error_result("m", "c", JobExpired("late"))
-    assert expired.status == "expired" and expired.error is None
+    assert expired.status == "expired"
+    assert expired.error == {"code": "expired", "message": "late"}
     assert Result.from_json(err.to_json()) == err
 
 

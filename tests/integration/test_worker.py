@@ -1,0 +1,121 @@
+"""The worker's pipeline driven bare (no Ray): health, poison batches, hostile reply_to."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from sluice.protocol import jobs_key, result_key
+from sluice.queue import StreamQueue, connect
+from sluice.runners.embed import EmbedRunner
+from sluice.settings import ModelSettings, QueueSettings
+from sluice.worker import Worker
+
+pytestmark = pytest.mark.integration
+
+
+class PoisonRunner(EmbedRunner):
+    """The real embedding runner, with a fault injected: any batch holding "boom" raises."""
+
+    def run(self, prepared: Any) -> Any:
+        if any(row.tolist()[:3] == self.poison for row in prepared["input_ids"]):
+            raise RuntimeError("injected fault")
+        return super().run(prepared)
+
+    def load(self) -> None:
+        super().load()
+        self.poison = self.tokenizer("boom")["input_ids"][:3]
+
+
+async def start_worker(url: str, model: str, path: str, runner_cls: type = EmbedRunner) -> Worker:
+    settings = ModelSettings(name=model, model_path=path, torch_threads=1, max_batch_size=16)
+    runner = runner_cls(settings)
+    runner.load()
+    limits = QueueSettings(block_ms=100)
+    worker = Worker(StreamQueue(connect(url), model, "c1", limits), runner, settings, limits)
+    worker.start()
+    return worker
+
+
+async def wait_results(r: Any, model: str, ids: list[str], timeout_s: float = 30) -> list[dict]:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            raw = await r.mget([result_key(model, i) for i in ids])
+            if all(v is not None for v in raw):
+                return [orjson.loads(v) for v in raw]
+            await asyncio.sleep(0.05)
+
+
+def test_a_poison_job_fails_alone_and_the_batch_runs(redis_url, model_name, tiny_bert):
+    async def scenario() -> None:
+        r = connect(redis_url)
+        worker = await start_worker(redis_url, model_name, tiny_bert, PoisonRunner)
+        texts = ["fine one", "boom", "fine two", "fine three"]
+        for i, text in enumerate(texts):
+            await r.xadd(
+                jobs_key(model_name), {"id": f"p{i}", "input": orjson.dumps({"text": text})}
+            )
+        results = await wait_results(r, model_name, [f"p{i}" for i in range(4)])
+        assert [x["status"] for x in results] == ["ok", "error", "ok", "ok"]
+        assert results[1]["error"]["code"] == "model_failure"
+        worker.check_health()
+        await worker.stop(5)
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_reply_to_that_is_not_a_stream_does_not_block_the_ack(redis_url, model_name, tiny_bert):
+    async def scenario() -> None:
+        r = connect(redis_url)
+        await r.set(f"not-a-stream-{model_name}", "x")
+        worker = await start_worker(redis_url, model_name, tiny_bert)
+        await r.xadd(jobs_key(model_name), {"id": "w1", "input": '{"text": "a"}',
+                                            "reply_to": f"not-a-stream-{model_name}"})  # fmt: skip
+        (res,) = await wait_results(r, model_name, ["w1"])
+        assert res["status"] == "ok"
+        assert worker.stats.ok == 1
+        await worker.stop(5)
+        assert await r.xinfo_consumers(jobs_key(model_name), "workers") == []
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_check_health_fails_when_a_loop_dies(redis_url, model_name, tiny_bert):
+    async def scenario() -> None:
+        worker = await start_worker(redis_url, model_name, tiny_bert)
+        worker.check_health()
+        worker._tasks["run"].cancel()  # what a crash of the loop looks like from outside
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="run loop"):
+            worker.check_health()
+        await worker.stop(5)
+
+    asyncio.run(scenario())
+
+
+def test_reply_to_cannot_touch_other_keys(redis_url, model_name, tiny_bert):
+    async def scenario() -> None:
+        r = connect(redis_url)
+        victim = f"victim-{model_name}"
+        await r.set(victim, "precious")
+        worker = await start_worker(redis_url, model_name, tiny_bert)
+        stream = jobs_key(model_name)
+        await r.xadd(stream, {"id": "v1", "input": '{"text": "a"}', "reply_to": victim})
+        await r.xadd(stream, {"id": "v2", "input": '{"text": "a"}', "reply_to": stream})
+        await r.xadd(stream, {"id": "v3", "input": '{"text": "a"}', "reply_to": f"ok-{model_name}"})
+        v1, v2, v3 = await wait_results(r, model_name, ["v1", "v2", "v3"])
+        assert v1["status"] == "ok" and await r.ttl(victim) == -1
+        assert await r.get(victim) == b"precious"
+        # A model's own keys are refused as reply_to up front.
+        assert v2["error"]["code"] == "invalid_input" and await r.ttl(stream) == -1
+        assert v3["status"] == "ok" and await r.xlen(f"ok-{model_name}") == 1
+        await worker.stop(5)
+        await r.aclose()
+
+    asyncio.run(scenario())
