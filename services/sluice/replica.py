@@ -26,6 +26,16 @@ from sluice.worker import Worker
 log = logging.getLogger(__name__)
 
 
+def _route_logs(level: str) -> None:
+    """Sends the package's logs where Serve sends the replica's own (its log file, stderr)."""
+    ours = logging.getLogger("sluice")
+    ours.setLevel(level)
+    if not ours.handlers:
+        for handler in logging.getLogger("ray.serve").handlers:
+            ours.addHandler(handler)
+        ours.propagate = False
+
+
 def consumer_name() -> str:
     """Unique per replica process; the host and pid make `sluice status` readable."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -45,7 +55,7 @@ class Replica:
 
     async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
         self.config = ReplicaConfig.model_validate(config)
-        logging.getLogger("sluice").setLevel(self.config.settings.log_level)
+        _route_logs(self.config.settings.log_level)
         model = self.config.model
         runner = build_runner(model)
         # Loading takes seconds: off the event loop, so Serve's own calls stay answered.

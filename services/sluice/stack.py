@@ -173,6 +173,9 @@ class LocalStack:
 
         # Replicas read SLUICE_REDIS_URL; workers of a local Ray inherit this process's env.
         os.environ["SLUICE_REDIS_URL"] = self.redis_url
+        # Ray starts workers at nice 15; a replica is the whole point of this machine, and at
+        # nice 15 it loses CPU to redis-server and to Ray's own daemons (BENCHMARKS.md).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             num_cpus=self.num_cpus, include_dashboard=False, namespace="serve", log_to_driver=False
         )
