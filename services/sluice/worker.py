@@ -1,40 +1,43 @@
 """One model's pipeline in one process: pull → admit → prepare → run → write.
 
-Three owned tasks joined by bounded queues, so each stage overlaps the others:
+Two asyncio tasks and a model thread, joined by bounded queues, so each stage overlaps the
+others:
 
-    pull loop   XREADGROUP (+ reclaim) → decode → bad/expired answered at once
-                → encode + cut + collate in the prep thread → run queue (bounded)
-    run loop    forward pass in the model thread → results → write queue
-    write loop  SET NX + XACK in one MULTI → reply_to pushes
+    pull loop     XREADGROUP (+ reclaim) → decode → bad/expired answered at once
+                  → encode + cut + collate in the prep thread → run queue (bounded)
+    model thread  forward passes back to back (running.py) → write queue
+    write loop    result JSON in the finish thread → SET NX + XACK in one MULTI → reply_to
 
-While batch k runs on the model thread, batch k+1 is pulled and tokenized. The run queue holds
-`prefetch_batches` batches, so a replica never pulls much more than it can run (backpressure).
-Ray-free on purpose: the Serve replica wraps it, and benchmarks and tests can drive it bare.
+While batch k runs on the model thread, batch k+1 is pulled and tokenized and the results of
+batch k-1 are encoded and stored. The run queue holds `prefetch_batches` batches, so a replica
+never pulls much more than it can run (backpressure). Ray-free on purpose: the Serve replica
+wraps it, and benchmarks and tests can drive it bare.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from redis.exceptions import RedisError
 
 from sluice.batching import Batch, Collector, cut_batches
-from sluice.errors import DeadLettered, InvalidInput, JobExpired, ModelFailure, SluiceError
-from sluice.protocol import BadEntry, Job, Result, decode_fields, decode_job, error_result
+from sluice.errors import DeadLettered, InvalidInput, JobExpired, SluiceError
+from sluice.protocol import BadEntry, Job, decode_fields, decode_job, error_result
 from sluice.queue import DeadLetter, Entry, Outcome, StreamQueue
 from sluice.runners.base import Encoded, Runner
+from sluice.running import ModelStage, Ran, RunItem, failed, outcome_of
 from sluice.settings import ModelSettings, QueueSettings
 
 log = logging.getLogger(__name__)
 
-WriteItem = list[Outcome] | list[DeadLetter]
+WriteItem = RunItem | list[DeadLetter]
 
 
 @dataclass
@@ -78,31 +81,34 @@ class Worker:
         self.limits = limits
         self.stats = WorkerStats()
         self._collector = Collector(queue.pull, model, limits.block_ms)
-        self._run_q: asyncio.Queue[Batch | None] = asyncio.Queue(model.prefetch_batches)
+        self._stage = ModelStage(runner, model.name, model.prefetch_batches, self._emit)
         self._write_q: asyncio.Queue[WriteItem | None] = asyncio.Queue(8)
+        # One thread each: prep (tokenize, collate), model (forward), finish (result JSON).
+        # Separate, because prep blocks on a full run queue and must not hold up the writer.
         self._prep_pool = ThreadPoolExecutor(1, thread_name_prefix="sluice-prep")
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="sluice-model")
+        self._finish_pool = ThreadPoolExecutor(1, thread_name_prefix="sluice-finish")
         self._stopping = asyncio.Event()
-        self._busy = False
         self._next_reclaim = 0.0
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Future[None]] = {}
+        self._last_emit: concurrent.futures.Future[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the three loops as owned tasks on the running event loop."""
-        self._own("pull", self._pull_loop())
-        self._own("run", self._run_loop())
-        self._own("write", self._write_loop())
+        """Starts the loops: two owned tasks on the running event loop, and the model thread."""
+        self._loop = asyncio.get_running_loop()
+        self._own("pull", self._loop.create_task(self._pull_loop()))
+        self._own("run", self._loop.run_in_executor(self._model_pool, self._stage.run_forever))
+        self._own("write", self._loop.create_task(self._write_loop()))
 
-    def _own(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"sluice-{name}")
-        task.add_done_callback(self._on_task_done)
-        self._tasks[name] = task
+    def _own(self, name: str, future: asyncio.Future[None]) -> None:
+        def on_done(fut: asyncio.Future[None]) -> None:
+            if not fut.cancelled() and fut.exception() is not None:
+                log.error("the %s loop died", name, exc_info=fut.exception())
 
-    def _on_task_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s died", task.get_name(), exc_info=task.exception())
+        future.add_done_callback(on_done)
+        self._tasks[name] = future
 
     def check_health(self) -> None:
         """Raises if a loop has died: Serve then replaces this replica."""
@@ -123,7 +129,7 @@ class Worker:
             async with asyncio.timeout(timeout_s):
                 # asyncio.wait, not await: a loop that already died must not abort the drain.
                 await asyncio.wait([self._tasks["pull"]])
-                await self._run_q.put(None)
+                await self._loop.run_in_executor(self._prep_pool, self._stage.close)
                 await asyncio.wait([self._tasks["run"]])
                 await self._write_q.put(None)
                 await asyncio.wait([self._tasks["write"]])
@@ -134,8 +140,8 @@ class Worker:
             for task in self._tasks.values():
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-            self._prep_pool.shutdown(wait=False, cancel_futures=True)
-            self._model_pool.shutdown(wait=False, cancel_futures=True)
+            for pool in (self._prep_pool, self._model_pool, self._finish_pool):
+                pool.shutdown(wait=False, cancel_futures=True)
         log.info("worker for %s stopped: %s", self.model.name, self.stats)
 
     # -- pull ---------------------------------------------------------------------------------
@@ -148,7 +154,7 @@ class Worker:
                 if not group_ready:
                     await self.queue.ensure_group()
                     group_ready = True
-                entries = await self._collector.collect(lambda: self._busy)
+                entries = await self._collector.collect(lambda: self._stage.busy)
                 entries += await self._maybe_reclaim()
                 backoff.reset()
             except (RedisError, OSError) as exc:
@@ -182,7 +188,7 @@ class Worker:
                 self._refuse(decoded, answers, letters)
             elif decoded.expired():
                 answers.append(
-                    self._outcome(
+                    outcome_of(
                         decoded,
                         error_result(self.model.name, decoded.id, JobExpired("deadline passed")),
                     )
@@ -192,17 +198,14 @@ class Worker:
         await self._send(answers)
         await self._send(letters)
         if jobs:
-            loop = asyncio.get_running_loop()
-            batches, failed = await loop.run_in_executor(self._prep_pool, self._prepare, jobs)
-            await self._send(failed)
-            for batch in batches:
-                await self._run_q.put(batch)
+            refused = await self._loop.run_in_executor(self._prep_pool, self._prepare, jobs)
+            await self._send(refused)
 
     def _refuse(self, bad: BadEntry, answers: list[Outcome], letters: list[DeadLetter]) -> None:
         if bad.id is None:
             letters.append(DeadLetter(bad.entry_id, bad.fields, bad.error.message, bad.deliveries))
             return
-        answers.append(self._outcome(bad, error_result(self.model.name, bad.id, bad.error)))
+        answers.append(outcome_of(bad, error_result(self.model.name, bad.id, bad.error)))
 
     def _over_delivered(self, entry: Entry, decoded: Job | BadEntry) -> DeadLetter:
         """An entry that keeps coming back (it crashed or stalled its replica) is retired."""
@@ -213,21 +216,25 @@ class Worker:
         outcome = None
         if decoded.id is not None:
             res = error_result(self.model.name, decoded.id, DeadLettered(reason))
-            outcome = self._outcome(decoded, res)
+            outcome = outcome_of(decoded, res)
         fields, _ = decode_fields(entry.fields)
         return DeadLetter(entry.entry_id, fields, reason, entry.deliveries, outcome)
 
-    def _prepare(self, jobs: list[Job]) -> tuple[list[Batch], list[Outcome]]:
-        """Prep thread: tokenize, cut by size and token budget, collate."""
+    def _prepare(self, jobs: list[Job]) -> list[Outcome]:
+        """Prep thread: tokenize, cut by size and token budget, collate, queue for the model.
+
+        Blocks while the run queue is full: that is what stops the pull loop pulling.
+        Returns the outcomes of jobs refused at tokenization.
+        """
         encoded = self._encode(jobs)
-        failed = [
-            self._outcome(job, error_result(self.model.name, job.id, item))
+        valid = [item for item in encoded if isinstance(item, Encoded)]
+        for group in cut_batches(valid, self.model.max_batch_size, self.model.max_batch_tokens):
+            self._stage.submit(Batch(group, self.runner.collate(group)))
+        return [
+            failed(self.model.name, job, item)
             for job, item in zip(jobs, encoded, strict=True)
             if isinstance(item, SluiceError)
         ]
-        valid = [item for item in encoded if isinstance(item, Encoded)]
-        groups = cut_batches(valid, self.model.max_batch_size, self.model.max_batch_tokens)
-        return [Batch(group, self.runner.collate(group)) for group in groups], failed
 
     def _encode(self, jobs: list[Job]) -> list[Encoded | SluiceError]:
         try:
@@ -245,80 +252,12 @@ class Worker:
 
     # -- run ----------------------------------------------------------------------------------
 
-    async def _run_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while (batch := await self._run_q.get()) is not None:
-            now_ms = time.time() * 1000
-            live = [i for i in batch.items if not i.job.expired(now_ms)]
-            late = [i.job for i in batch.items if i.job.expired(now_ms)]
-            if late:
-                await self._send(
-                    [
-                        self._outcome(
-                            j,
-                            error_result(
-                                self.model.name,
-                                j.id,
-                                JobExpired("deadline passed before the batch ran"),
-                            ),
-                        )
-                        for j in late
-                    ]
-                )
-                if not live:
-                    continue
-                batch = Batch(
-                    live, await loop.run_in_executor(self._prep_pool, self.runner.collate, live)
-                )
-            self._busy = True
-            try:
-                outcomes = await loop.run_in_executor(self._model_pool, self._run_batch, batch)
-            finally:
-                self._busy = False
-            await self._send(outcomes)
-
-    def _run_batch(self, batch: Batch) -> list[Outcome]:
-        """Model thread: forward pass and results; a failing batch is retried job by job."""
-        start_ms = time.time() * 1000
-        try:
-            outputs = self.runner.finish(self.runner.run(batch.prepared), batch.items)
-        except Exception as exc:
-            if len(batch.items) == 1:
-                log.exception("model failed on job %s", batch.items[0].job.id)
-                err = ModelFailure(f"{type(exc).__name__}: {exc}")
-                return [
-                    self._outcome(
-                        batch.items[0].job,
-                        error_result(self.model.name, batch.items[0].job.id, err),
-                    )
-                ]
-            log.exception("model failed on a batch of %d; retrying one by one", len(batch.items))
-            return [
-                o
-                for item in batch.items
-                for o in self._run_batch(Batch([item], self.runner.collate([item])))
-            ]
-        done_ms = time.time() * 1000
-        self.stats.batches += 1
-        log.debug(
-            "batch of %d (%d padded tokens) in %.1f ms",
-            len(batch.items),
-            batch.padded_tokens,
-            done_ms - start_ms,
-        )
-        return [
-            self._outcome(
-                item.job,
-                Result(
-                    item.job.id,
-                    self.model.name,
-                    "ok",
-                    output=output,
-                    timings=_timings(item.job, batch, start_ms, done_ms),
-                ),
-            )
-            for item, output in zip(batch.items, outputs, strict=True)
-        ]
+    def _emit(self, item: RunItem) -> None:
+        """Model thread: hands a result to the writer without waiting for the event loop,
+        but blocks while an earlier hand-off still waits for room (bounded memory)."""
+        if self._last_emit is not None:
+            self._last_emit.result()
+        self._last_emit = asyncio.run_coroutine_threadsafe(self._write_q.put(item), self._loop)
 
     # -- write --------------------------------------------------------------------------------
 
@@ -342,6 +281,12 @@ class Worker:
                     await backoff.sleep()
 
     async def _write(self, item: WriteItem) -> None:
+        if isinstance(item, Ran):
+            ran = item
+            item = await self._loop.run_in_executor(
+                self._finish_pool, ran.outcomes, self.model.name
+            )
+            self.stats.batches += 1
         if item and isinstance(item[0], DeadLetter):
             letters = [d for d in item if isinstance(d, DeadLetter)]
             await self.queue.dead_letter(letters)
@@ -357,18 +302,3 @@ class Worker:
                 self.stats.expired += 1
             else:
                 self.stats.errors += 1
-
-    # -- helpers ------------------------------------------------------------------------------
-
-    def _outcome(self, job: Job | BadEntry, result: Result) -> Outcome:
-        return Outcome(job.entry_id, result.id, result.to_json(), job.reply_to, result.status)
-
-
-def _timings(job: Job, batch: Batch, start_ms: float, done_ms: float) -> dict[str, float]:
-    return {
-        "queue_ms": round(job.pulled_ms - job.enqueued_ms, 3),
-        "batch_wait_ms": round(start_ms - job.pulled_ms, 3),
-        "compute_ms": round(done_ms - start_ms, 3),
-        "total_ms": round(done_ms - job.enqueued_ms, 3),
-        "batch_size": len(batch.items),
-    }

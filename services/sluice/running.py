@@ -1,0 +1,138 @@
+"""The model stage: one thread that runs prepared batches back to back.
+
+The pull loop's prep thread puts collated batches into a small thread-safe queue; this thread
+takes the next one the moment the last forward pass ends, with no trip through the event loop
+in between (on a GPU a batch takes ~2 ms, so a hop of a millisecond would cost a third of the
+throughput). What it produces goes to the writer through `emit`: raw outputs (`Ran`), which the
+writer turns into result JSON on another thread, or ready outcomes for jobs that failed or
+expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sluice.batching import Batch
+from sluice.errors import JobExpired, ModelFailure, SluiceError
+from sluice.protocol import BadEntry, Job, Result, error_result
+from sluice.queue import Outcome
+from sluice.runners.base import Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Ran:
+    """A batch the model ran: its outputs, one per item, and when the forward pass ran."""
+
+    batch: Batch
+    outputs: list[Any]
+    start_ms: float
+    done_ms: float
+
+    def outcomes(self, model: str) -> list[Outcome]:
+        """The `ok` results, as the writer stores them (JSON encoding happens here)."""
+        return [
+            outcome_of(
+                item.job,
+                Result(item.job.id, model, "ok", output=output, timings=self._timings(item.job)),
+            )
+            for item, output in zip(self.batch.items, self.outputs, strict=True)
+        ]
+
+    def _timings(self, job: Job) -> dict[str, float]:
+        return {
+            "queue_ms": round(job.pulled_ms - job.enqueued_ms, 3),
+            "batch_wait_ms": round(self.start_ms - job.pulled_ms, 3),
+            "compute_ms": round(self.done_ms - self.start_ms, 3),
+            "total_ms": round(self.done_ms - job.enqueued_ms, 3),
+            "batch_size": len(self.batch.items),
+        }
+
+
+RunItem = Ran | list[Outcome]
+
+
+def outcome_of(job: Job | BadEntry, result: Result) -> Outcome:
+    return Outcome(job.entry_id, result.id, result.to_json(), job.reply_to, result.status)
+
+
+def failed(model: str, job: Job, err: SluiceError) -> Outcome:
+    return outcome_of(job, error_result(model, job.id, err))
+
+
+class ModelStage:
+    """Owns the run queue and the loop of the model thread."""
+
+    def __init__(
+        self, runner: Runner, model: str, prefetch: int, emit: Callable[[RunItem], None]
+    ) -> None:
+        self.runner = runner
+        self.model = model
+        self.busy = False
+        self.batches = 0
+        self._emit = emit
+        self._queue: queue.Queue[Batch | None] = queue.Queue(prefetch)
+
+    def submit(self, batch: Batch) -> None:
+        """Queues a prepared batch; blocks while `prefetch` batches wait (backpressure)."""
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        """Ends the loop after the batches already queued (blocks like `submit`)."""
+        self._queue.put(None)
+
+    def run_forever(self) -> None:
+        """The model thread's body: until `close`, run each batch and emit what it gives."""
+        while (batch := self._queue.get()) is not None:
+            for item in self._run(batch):
+                self._emit(item)
+
+    def _run(self, batch: Batch) -> list[RunItem]:
+        now_ms = time.time() * 1000
+        late = [i.job for i in batch.items if i.job.expired(now_ms)]
+        out: list[RunItem] = []
+        if late:
+            expired = JobExpired("deadline passed before the batch ran")
+            out.append([failed(self.model, job, expired) for job in late])
+            live = [i for i in batch.items if not i.job.expired(now_ms)]
+            if not live:
+                return out
+            batch = Batch(live, self.runner.collate(live))
+        self.busy = True
+        try:
+            out.extend(self._forward(batch))
+        finally:
+            self.busy = False
+        return out
+
+    def _forward(self, batch: Batch) -> list[RunItem]:
+        """One forward pass; a failing batch is retried job by job so only the culprit fails."""
+        start_ms = time.time() * 1000
+        try:
+            outputs = self.runner.finish(self.runner.run(batch.prepared), batch.items)
+        except Exception as exc:
+            if len(batch.items) == 1:
+                job = batch.items[0].job
+                log.exception("model failed on job %s", job.id)
+                return [[failed(self.model, job, ModelFailure(f"{type(exc).__name__}: {exc}"))]]
+            log.exception("model failed on a batch of %d; retrying one by one", len(batch.items))
+            return [
+                result
+                for item in batch.items
+                for result in self._forward(Batch([item], self.runner.collate([item])))
+            ]
+        done_ms = time.time() * 1000
+        self.batches += 1
+        log.debug(
+            "batch of %d (%d padded tokens) in %.1f ms",
+            len(batch.items),
+            batch.padded_tokens,
+            done_ms - start_ms,
+        )
+        return [Ran(batch, outputs, start_ms, done_ms)]
