@@ -4,8 +4,8 @@ The pull loop's prep thread puts collated batches into a small thread-safe queue
 takes the next one the moment the last forward pass ends, with no trip through the event loop
 in between (on a GPU a batch takes ~2 ms, so a hop of a millisecond would cost a third of the
 throughput). What it produces goes to the writer through `emit`: raw outputs (`Ran`), which the
-writer turns into result JSON on another thread, or ready outcomes for jobs that failed or
-expired.
+writer turns into result JSON on another thread, or ready outcomes: for jobs that failed or
+expired, and for every batch when `encode_inline` (CPU models) says to encode them here.
 """
 
 from __future__ import annotations
@@ -70,9 +70,16 @@ class ModelStage:
     """Owns the run queue and the loop of the model thread."""
 
     def __init__(
-        self, runner: Runner, model: str, prefetch: int, emit: Callable[[RunItem], None]
+        self,
+        runner: Runner,
+        model: str,
+        prefetch: int,
+        emit: Callable[[RunItem], None],
+        *,
+        encode_inline: bool = False,
     ) -> None:
         self.runner = runner
+        self.encode_inline = encode_inline
         self.model = model
         self.busy = False
         self.batches = 0
@@ -135,4 +142,7 @@ class ModelStage:
             batch.padded_tokens,
             done_ms - start_ms,
         )
-        return [Ran(batch, outputs, start_ms, done_ms)]
+        ran = Ran(batch, outputs, start_ms, done_ms)
+        # On a CPU the "spare" cores are the model's own: encoding results alongside the next
+        # forward pass slows that pass more than encoding them first (BENCHMARKS.md).
+        return [ran.outcomes(self.model) if self.encode_inline else ran]

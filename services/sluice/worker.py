@@ -79,9 +79,15 @@ class Worker:
         self.runner = runner
         self.model = model
         self.limits = limits
-        self.stats = WorkerStats()
+        self._stats = WorkerStats()
         self._collector = Collector(queue.pull, model, limits.block_ms)
-        self._stage = ModelStage(runner, model.name, model.prefetch_batches, self._emit)
+        self._stage = ModelStage(
+            runner,
+            model.name,
+            model.prefetch_batches,
+            self._emit,
+            encode_inline=model.device == "cpu",
+        )
         self._write_q: asyncio.Queue[WriteItem | None] = asyncio.Queue(8)
         # One thread each: prep (tokenize, collate), model (forward), finish (result JSON).
         # Separate, because prep blocks on a full run queue and must not hold up the writer.
@@ -92,6 +98,12 @@ class Worker:
         self._next_reclaim = 0.0
         self._tasks: dict[str, asyncio.Future[None]] = {}
         self._last_emit: concurrent.futures.Future[None] | None = None
+
+    @property
+    def stats(self) -> WorkerStats:
+        """The counters so far (batches as the model thread counts them)."""
+        self._stats.batches = self._stage.batches
+        return self._stats
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -286,7 +298,6 @@ class Worker:
             item = await self._loop.run_in_executor(
                 self._finish_pool, ran.outcomes, self.model.name
             )
-            self.stats.batches += 1
         if item and isinstance(item[0], DeadLetter):
             letters = [d for d in item if isinstance(d, DeadLetter)]
             await self.queue.dead_letter(letters)

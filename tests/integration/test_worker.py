@@ -119,3 +119,26 @@ def test_reply_to_cannot_touch_other_keys(redis_url, model_name, tiny_bert):
         await r.aclose()
 
     asyncio.run(scenario())
+
+
+def test_results_encoded_off_the_model_thread_match_inline(redis_url, model_name, tiny_bert):
+    """GPU models hand raw outputs to the finish thread; CPU ones encode inline: same results."""
+
+    async def scenario() -> None:
+        r = connect(redis_url)
+        answers = {}
+        for inline in (True, False):
+            model = f"{model_name}-{inline}".lower()
+            worker = await start_worker(redis_url, model, tiny_bert)
+            worker._stage.encode_inline = inline
+            for i in range(40):
+                await r.xadd(jobs_key(model), {"id": f"e{i}", "input": f'{{"text": "t {i}"}}'})
+            answers[inline] = await wait_results(r, model, [f"e{i}" for i in range(40)])
+            assert worker.stats.ok == 40 and worker.stats.batches >= 3
+            await worker.stop(5)
+        for a, b in zip(answers[True], answers[False], strict=True):
+            assert a["status"] == b["status"] == "ok"
+            assert a["output"] == b["output"]
+        await r.aclose()
+
+    asyncio.run(scenario())
