@@ -16,18 +16,24 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_starts_serves_and_stops_everything(tmp_path, tiny_bert):
+@pytest.fixture
+def tiny_config(tmp_path, tiny_bert) -> Path:
+    """deployments/local.yaml with the tiny model and half a CPU: the shipped config, small."""
     config = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
     app = config["applications"][0]
     app["args"]["model"].update(model_path=tiny_bert, torch_threads=1)
     app["deployments"][0]["ray_actor_options"]["num_cpus"] = 0.5
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_demo_starts_serves_and_stops_everything(tiny_config):
     url = f"redis://127.0.0.1:{free_port()}/0"
 
     out = subprocess.run(
-        [sys.executable, "-m", "sluice.cli", "demo", "--config", str(path), "--redis-url", url,
-         "--num-cpus", "1"],
+        [sys.executable, "-m", "sluice.cli", "demo", "--config", str(tiny_config),
+         "--redis-url", url, "--num-cpus", "1"],
         capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "RAY_ADDRESS": "local"},
     )  # fmt: skip
@@ -40,7 +46,7 @@ def test_demo_starts_serves_and_stops_everything(tmp_path, tiny_bert):
     assert not redis_answers(url), "the redis-server the demo started is still running"
 
 
-def test_up_serves_until_ctrl_c_then_stops_what_it_started(tmp_path, tiny_bert):
+def test_up_serves_until_ctrl_c_then_stops_what_it_started(tmp_path, tiny_config):
     import signal
 
     import redis
@@ -48,19 +54,13 @@ def test_up_serves_until_ctrl_c_then_stops_what_it_started(tmp_path, tiny_bert):
     from sluice.protocol import jobs_key, result_key
     from tests.helpers import wait_for
 
-    config = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
-    app = config["applications"][0]
-    app["args"]["model"].update(model_path=tiny_bert, torch_threads=1)
-    app["deployments"][0]["ray_actor_options"]["num_cpus"] = 0.5
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
     url = f"redis://127.0.0.1:{free_port()}/0"
     log = tmp_path / "up.log"
 
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sluice.cli", "up", "--config", str(path), "--redis-url", url,
-             "--num-cpus", "1"],
+            [sys.executable, "-m", "sluice.cli", "up", "--config", str(tiny_config),
+             "--redis-url", url, "--num-cpus", "1"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": "local"},
         )  # fmt: skip
     try:
