@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from sluice.queue import Entry
 from sluice.runners.base import Encoded
 from sluice.settings import ModelSettings
@@ -77,7 +79,10 @@ class Collector:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms < 1:
                 break
-            more = await self._pull(self._max - len(entries), remaining_ms)
+            try:
+                more = await self._pull(self._max - len(entries), remaining_ms)
+            except (RedisError, OSError):
+                break  # run what was pulled; the pull loop meets the outage on its next read
             if not more:
                 break
             entries.extend(more)

@@ -187,13 +187,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     models = args.models or sorted(
         key.split("{", 1)[1].split("}", 1)[0] for key in client.scan_iter("sluice:{*}:jobs")
     )
-    report = [model_status(client, m) for m in models]
+    report = [_safe_status(client, m) for m in models]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     if not report:
         print("no models found (no sluice:{M}:jobs stream yet)")
     for row in report:
+        if "error" in row:
+            print(f"{row['model']}: cannot read its keys: {row['error']}")
+            continue
         print(
             f"{row['model']}: depth {row['depth']}, pending {row['pending']}, lag {row['lag']}, "
             f"dead letters {row['dead_letters']}, consumers {len(row['consumers'])}"
@@ -201,6 +204,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         for c in row["consumers"]:
             print(f"    {c['name']}: pending {c['pending']}, idle {c['idle_ms'] / 1000:.1f}s")
     return 0
+
+
+def _safe_status(client: redis.Redis, model: str) -> dict[str, Any]:
+    try:
+        return model_status(client, model)
+    except redis.ResponseError as exc:
+        # One model's keys in a bad state must not hide the others.
+        return {"model": model, "depth": None, "pending": None, "lag": None,
+                "dead_letters": None, "consumers": [], "error": str(exc)}  # fmt: skip
 
 
 def model_status(client: redis.Redis, model: str) -> dict[str, Any]:

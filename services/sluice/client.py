@@ -13,13 +13,16 @@ keys once, which covers a reply lost in a replica crash between the store and th
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -35,6 +38,20 @@ from sluice.protocol import (
 from sluice.settings import Settings
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+log = logging.getLogger(__name__)
+MAX_TRACKED_IDS = 100_000
+MAX_EARLY_RESULTS = 10_000
+
+
+def _remember(table: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
+
+
 JobInput = Mapping[str, Any] | str
 
 
@@ -69,9 +86,12 @@ class AsyncClient:
         self.client_id = uuid.uuid4().hex
         self.reply_stream = reply_key(self.client_id)
         self.recheck_s = recheck_s
-        self._models: dict[str, str] = {}
-        self._arrived: dict[str, Result] = {}
+        # id -> model of the jobs this client sent (bounded: oldest forgotten first).
+        self._models: OrderedDict[str, str] = OrderedDict()
+        # Results that came before anyone waited for them (bounded likewise).
+        self._arrived: OrderedDict[str, Result] = OrderedDict()
         self._waiters: dict[str, asyncio.Future[Result]] = {}
+        self._waiting: Counter[str] = Counter()  # calls waiting on each id right now
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -139,7 +159,7 @@ class AsyncClient:
                 pipe.xadd(jobs_key(model), fields)
             await pipe.execute()
         for job_id in job_ids:
-            self._models[job_id] = model
+            _remember(self._models, job_id, model, MAX_TRACKED_IDS)
         return job_ids
 
     # -- wait ---------------------------------------------------------------------------------
@@ -157,15 +177,20 @@ class AsyncClient:
         """Every job's final result, in order, whatever its status; `ResultTimeout` if any is
         missing after `timeout` seconds. `model` is needed only for jobs another client sent."""
         loop = asyncio.get_running_loop()
-        futures = {}
-        for job_id in job_ids:
-            fut = self._waiters.get(job_id) or loop.create_future()
-            if job_id in self._arrived:
-                fut.set_result(self._arrived.pop(job_id))
-            self._waiters[job_id] = futures[job_id] = fut
+        futures: dict[str, asyncio.Future[Result]] = {}
+        for job_id in dict.fromkeys(job_ids):
+            fut = self._waiters.get(job_id)
+            if fut is None:
+                fut = self._waiters[job_id] = loop.create_future()
+                if job_id in self._arrived:
+                    fut.set_result(self._arrived.pop(job_id))
+            self._waiting[job_id] += 1
+            futures[job_id] = fut
         self._ensure_reader()
         deadline = time.monotonic() + timeout
         try:
+            # Results stored before this wait began (or awaited once already) are read now.
+            await self._recheck([i for i, f in futures.items() if not f.done()], model)
             while pending := [f for f in futures.values() if not f.done()]:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -178,10 +203,11 @@ class AsyncClient:
                 await asyncio.wait(pending, timeout=min(self.recheck_s, remaining))
                 await self._recheck([i for i, f in futures.items() if not f.done()], model)
         finally:
-            for job_id, fut in futures.items():
-                self._waiters.pop(job_id, None)
-                if fut.done():
-                    self._models.pop(job_id, None)
+            for job_id in futures:
+                self._waiting[job_id] -= 1
+                if self._waiting[job_id] <= 0:
+                    del self._waiting[job_id]
+                    self._waiters.pop(job_id, None)
         return [futures[job_id].result() for job_id in job_ids]
 
     async def _recheck(self, job_ids: list[str], model: str | None) -> None:
@@ -209,7 +235,7 @@ class AsyncClient:
                 fut.set_result(res)
         elif res.id in self._models:
             # Nobody waits yet: keep it for the caller's later `result()`.
-            self._arrived[res.id] = res
+            _remember(self._arrived, res.id, res, MAX_EARLY_RESULTS)
 
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():
@@ -230,8 +256,12 @@ class AsyncClient:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                     raw = fields.get(b"result") or fields.get("result")
-                    if raw is not None:
+                    try:
                         self._deliver(Result.from_json(raw))
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        log.warning(
+                            "skipped a malformed entry %s on %s", last_id, self.reply_stream
+                        )
 
 
 class Client:
@@ -243,7 +273,11 @@ class Client:
             target=self._loop.run_forever, daemon=True, name="sluice-client"
         )
         self._thread.start()
-        self._async = self._call(self._make(redis_url, recheck_s))
+        try:
+            self._async = self._call(self._make(redis_url, recheck_s))
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
 
     @staticmethod
     async def _make(redis_url: str | None, recheck_s: float) -> AsyncClient:

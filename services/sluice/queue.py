@@ -15,24 +15,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from sluice import lua
 from sluice.protocol import GROUP, dead_key, jobs_key, result_key
 from sluice.settings import QueueSettings
 
 log = logging.getLogger(__name__)
 
 RawFields = dict[bytes, bytes]
-
-# Pushes a result to a caller's reply stream, and touches nothing that is not a stream: a
-# `reply_to` naming some other key (a result, a string) is left exactly as it was.
-PUSH_REPLY_LUA = """
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'stream' and kind ~= 'none' then
-  return 0
-end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'result', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
 
 
 @dataclass(slots=True)
@@ -94,7 +83,8 @@ class StreamQueue:
         self.settings = settings
         self.jobs_key = jobs_key(model)
         self.dead_key = dead_key(model)
-        self._push_reply = redis.register_script(PUSH_REPLY_LUA)
+        self._push_reply = redis.register_script(lua.PUSH_REPLY)
+        self._dead_letter = redis.register_script(lua.DEAD_LETTER)
 
     async def ensure_group(self) -> None:
         """Creates the group at id 0 (never `$`): jobs queued before any replica are served."""
@@ -167,6 +157,12 @@ class StreamQueue:
             tx.xack(self.jobs_key, GROUP, *[o.entry_id for o in outcomes])
             replies = await tx.execute()
         stored = [o for o, ok in zip(outcomes, replies[:-1], strict=True) if ok]
+        lost = [o for o, ok in zip(outcomes, replies[:-1], strict=True) if not ok]
+        if lost:
+            # Either a duplicate run, or this very write retried after its EXEC reply was lost:
+            # in that case the stored value is ours, byte for byte, and its push is still owed.
+            current = await self.redis.mget([result_key(self.model, o.job_id) for o in lost])
+            stored += [o for o, value in zip(lost, current, strict=True) if value == o.result_json]
         await self._push_replies(stored)
         return len(stored)
 
@@ -184,28 +180,34 @@ class StreamQueue:
                 # The result is stored and acked either way: a bad reply_to costs only the push.
                 log.warning("no reply pushed to %r: %s", reply_to, res or "not a stream")
 
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        """Moves entries to the dead stream with their reason, acks them, stores any result."""
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> int:
+        """Moves entries to the dead stream with their reason, stores any result, acks them.
+
+        One script per entry (lua.DEAD_LETTER): idempotent under retries, a no-op for an entry
+        already answered, and nothing is acked if the dead letter cannot be written. Returns
+        how many entries it dead-lettered.
+        """
         if not letters:
-            return
-        ttl = self.settings.result_ttl_s
-        with_result = [d.outcome for d in letters if d.outcome is not None]
-        async with self.redis.pipeline(transaction=True) as tx:
-            for o in with_result:
-                tx.set(result_key(self.model, o.job_id), o.result_json, nx=True, ex=ttl)
+            return 0
+        limits = (GROUP, self.settings.dead_maxlen)
+        async with self.redis.pipeline(transaction=False) as pipe:
             for d in letters:
-                fields: dict[Any, Any] = {
-                    **d.fields,
-                    "reason": d.reason,
-                    "deliveries": str(d.deliveries),
-                    "entry_id": d.entry_id,
-                }
-                tx.xadd(self.dead_key, fields, maxlen=self.settings.dead_maxlen, approximate=True)
-            tx.xack(self.jobs_key, GROUP, *[d.entry_id for d in letters])
-            replies = await tx.execute()
-        stored = [o for o, ok in zip(with_result, replies[: len(with_result)], strict=True) if ok]
+                result = d.outcome.result_json if d.outcome is not None else b""
+                key = result_key(self.model, d.outcome.job_id) if d.outcome else self.dead_key
+                fields = {**d.fields, "reason": d.reason, "deliveries": str(d.deliveries),
+                          "entry_id": d.entry_id}  # fmt: skip
+                pairs = [x for kv in fields.items() for x in kv]
+                await self._dead_letter(
+                    keys=[self.jobs_key, self.dead_key, key],
+                    args=[d.entry_id, *limits, result, self.settings.result_ttl_s, *pairs],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        stored = [d.outcome for d, r in zip(letters, replies, strict=True) if r == 2 and d.outcome]
         await self._push_replies(stored)
-        log.warning("dead-lettered %d entries on %s", len(letters), self.dead_key)
+        done = sum(1 for r in replies if r)
+        log.warning("dead-lettered %d entries on %s", done, self.dead_key)
+        return done
 
     async def pending_count(self) -> int:
         """Entries delivered to this consumer and not yet acked."""

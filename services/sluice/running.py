@@ -10,6 +10,7 @@ expired, and for every batch when `encode_inline` (CPU models) says to encode th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
@@ -94,10 +95,26 @@ class ModelStage:
         """Ends the loop after the batches already queued (blocks like `submit`)."""
         self._queue.put(None)
 
+    def abort(self) -> None:
+        """Drops what is queued and ends the loop now: for a stop that ran out of time (the
+        dropped jobs stay pending in Redis and are reclaimed by another replica)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+
     def run_forever(self) -> None:
         """The model thread's body: until `close`, run each batch and emit what it gives."""
         while (batch := self._queue.get()) is not None:
-            for item in self._run(batch):
+            try:
+                items = self._run(batch)
+            except Exception as exc:
+                # Not even job by job (a collate or encode bug): fail the batch, keep serving.
+                log.exception("batch of %d could not run", len(batch.items))
+                err = ModelFailure(f"{type(exc).__name__}: {exc}")
+                items = [[failed(self.model, i.job, err) for i in batch.items]]
+            for item in items:
                 self._emit(item)
 
     def _run(self, batch: Batch) -> list[RunItem]:

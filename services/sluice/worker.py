@@ -20,15 +20,16 @@ import asyncio
 import concurrent.futures
 import logging
 import random
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from sluice.batching import Batch, Collector, cut_batches
-from sluice.errors import DeadLettered, InvalidInput, JobExpired, SluiceError
+from sluice.errors import DeadLettered, InvalidInput, JobExpired, ModelFailure, SluiceError
 from sluice.protocol import BadEntry, Job, decode_fields, decode_job, error_result
 from sluice.queue import DeadLetter, Entry, Outcome, StreamQueue
 from sluice.runners.base import Encoded, Runner
@@ -98,6 +99,7 @@ class Worker:
         self._next_reclaim = 0.0
         self._tasks: dict[str, asyncio.Future[None]] = {}
         self._last_emit: concurrent.futures.Future[None] | None = None
+        self._aborted = threading.Event()  # a stop that timed out: threads must not block
 
     @property
     def stats(self) -> WorkerStats:
@@ -143,12 +145,17 @@ class Worker:
                 await asyncio.wait([self._tasks["pull"]])
                 await self._loop.run_in_executor(self._prep_pool, self._stage.close)
                 await asyncio.wait([self._tasks["run"]])
+                if self._last_emit is not None:
+                    # The model thread's last hand-off must land before the writer's sentinel.
+                    await asyncio.wrap_future(self._last_emit)
                 await self._write_q.put(None)
                 await asyncio.wait([self._tasks["write"]])
                 await self.queue.leave()
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning("stop of %s was not clean: %r", self.model.name, exc)
         finally:
+            self._aborted.set()
+            self._stage.abort()  # unblocks the prep and model threads, so the process can exit
             for task in self._tasks.values():
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -167,7 +174,6 @@ class Worker:
                     await self.queue.ensure_group()
                     group_ready = True
                 entries = await self._collector.collect(lambda: self._stage.busy)
-                entries += await self._maybe_reclaim()
                 backoff.reset()
             except (RedisError, OSError) as exc:
                 self.stats.redis_errors += 1
@@ -175,6 +181,12 @@ class Worker:
                 group_ready = False
                 await backoff.sleep()
                 continue
+            try:
+                entries += await self._maybe_reclaim()
+            except (RedisError, OSError) as exc:
+                # What was pulled already still runs: dropping it would cost it a delivery.
+                self.stats.redis_errors += 1
+                log.warning("reclaim failed (%r)", exc)
             if entries:
                 await self._admit(entries)
 
@@ -240,13 +252,21 @@ class Worker:
         """
         encoded = self._encode(jobs)
         valid = [item for item in encoded if isinstance(item, Encoded)]
-        for group in cut_batches(valid, self.model.max_batch_size, self.model.max_batch_tokens):
-            self._stage.submit(Batch(group, self.runner.collate(group)))
-        return [
+        refused = [
             failed(self.model.name, job, item)
             for job, item in zip(jobs, encoded, strict=True)
             if isinstance(item, SluiceError)
         ]
+        for group in cut_batches(valid, self.model.max_batch_size, self.model.max_batch_tokens):
+            try:
+                prepared = self.runner.collate(group)
+            except Exception as exc:
+                log.exception("collate failed for a batch of %d", len(group))
+                err = ModelFailure(f"{type(exc).__name__}: {exc}")
+                refused += [failed(self.model.name, item.job, err) for item in group]
+                continue
+            self._stage.submit(Batch(group, prepared))
+        return refused
 
     def _encode(self, jobs: list[Job]) -> list[Encoded | SluiceError]:
         try:
@@ -267,8 +287,12 @@ class Worker:
     def _emit(self, item: RunItem) -> None:
         """Model thread: hands a result to the writer without waiting for the event loop,
         but blocks while an earlier hand-off still waits for room (bounded memory)."""
-        if self._last_emit is not None:
-            self._last_emit.result()
+        while self._last_emit is not None and not self._aborted.is_set():
+            try:
+                self._last_emit.result(timeout=1.0)
+                break
+            except concurrent.futures.TimeoutError:
+                continue
         self._last_emit = asyncio.run_coroutine_threadsafe(self._write_q.put(item), self._loop)
 
     # -- write --------------------------------------------------------------------------------
@@ -278,30 +302,39 @@ class Worker:
             await self._write_q.put(items)
 
     async def _write_loop(self) -> None:
-        backoff = Backoff()
         while (item := await self._write_q.get()) is not None:
-            while True:
-                try:
-                    await self._write(item)
-                    backoff.reset()
-                    break
-                except (RedisError, OSError) as exc:
-                    # Results stay in memory until Redis takes them; retrying is safe because
-                    # SET NX + XACK is idempotent.
-                    self.stats.redis_errors += 1
-                    log.warning("redis unavailable while writing (%r); retrying", exc)
-                    await backoff.sleep()
+            if isinstance(item, Ran):
+                item = await self._loop.run_in_executor(
+                    self._finish_pool, item.outcomes, self.model.name
+                )
+            await self._write_until_done(item)
 
-    async def _write(self, item: WriteItem) -> None:
-        if isinstance(item, Ran):
-            ran = item
-            item = await self._loop.run_in_executor(
-                self._finish_pool, ran.outcomes, self.model.name
-            )
+    async def _write_until_done(self, item: list[Outcome] | list[DeadLetter]) -> None:
+        """Retries through outages (results wait in memory; every write is idempotent). A
+        write Redis keeps refusing (WRONGTYPE, READONLY...) is given up after a few tries:
+        its entries stay pending, unacked, and are reclaimed later, never lost."""
+        backoff, refusals = Backoff(), 0
+        while True:
+            try:
+                await self._write(item)
+                return
+            except ResponseError as exc:
+                refusals += 1
+                self.stats.redis_errors += 1
+                if refusals >= 3:
+                    log.error("redis refused a write %d times (%r); %d entries left pending",
+                              refusals, exc, len(item))  # fmt: skip
+                    return
+                await backoff.sleep()
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                log.warning("redis unavailable while writing (%r); retrying", exc)
+                await backoff.sleep()
+
+    async def _write(self, item: list[Outcome] | list[DeadLetter]) -> None:
         if item and isinstance(item[0], DeadLetter):
             letters = [d for d in item if isinstance(d, DeadLetter)]
-            await self.queue.dead_letter(letters)
-            self.stats.dead_letters += len(letters)
+            self.stats.dead_letters += await self.queue.dead_letter(letters)
             return
         outcomes = [o for o in item if isinstance(o, Outcome)]
         stored = await self.queue.finish(outcomes)

@@ -67,6 +67,23 @@ def test_async_client_waits_without_polling_and_rechecks_keys(
     asyncio.run(scenario())
 
 
+def test_waiting_twice_or_concurrently_on_one_id(deploy, model_name, tiny_bert, redis_url):
+    deploy(model_name, tiny_bert)
+
+    async def scenario() -> None:
+        async with AsyncClient(redis_url, recheck_s=30) as client:
+            job = await client.submit(model_name, "shared")
+            impatient = asyncio.create_task(client.result(job, timeout=0.001))
+            patient = asyncio.create_task(client.result(job, timeout=20))
+            with pytest.raises(ResultTimeout):
+                await impatient
+            first = await patient  # the impatient waiter leaving must not strand this one
+            again = await asyncio.wait_for(client.result(job, timeout=20), 5)
+            assert first.output == again.output
+
+    asyncio.run(scenario())
+
+
 def sluice(*args: str, url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SLUICE_REDIS_URL": url}
     return subprocess.run(

@@ -142,3 +142,61 @@ def test_results_encoded_off_the_model_thread_match_inline(redis_url, model_name
         await r.aclose()
 
     asyncio.run(scenario())
+
+
+def test_dead_letters_are_idempotent_and_a_refused_one_acks_nothing(redis_url, model_name):
+    from sluice.protocol import GROUP, dead_key
+    from sluice.queue import DeadLetter
+
+    async def scenario() -> None:
+        r = connect(redis_url)
+        q = StreamQueue(r, model_name, "c1", QueueSettings())
+        await q.ensure_group()
+        stream = jobs_key(model_name)
+        for _ in range(2):
+            await r.xadd(stream, {"input": "{}"})
+        first, second = await q.pull(10, None)
+        letter = DeadLetter(first.entry_id, {"input": "{}"}, "missing field `id`", 1)
+        # Retried after a lost reply: one dead letter, not two.
+        assert await q.dead_letter([letter]) == 1
+        assert await q.dead_letter([letter]) == 0
+        assert await r.xlen(dead_key(model_name)) == 1
+        # The dead stream is not a stream: the entry must stay pending, not be acked.
+        await r.delete(dead_key(model_name))
+        await r.set(dead_key(model_name), "in the way")
+        other = DeadLetter(second.entry_id, {"input": "{}"}, "missing field `id`", 1)
+        with pytest.raises(Exception, match="WRONGTYPE"):
+            await q.dead_letter([other])
+        pending = await r.xpending_range(stream, GROUP, "-", "+", 10)
+        assert [p["message_id"].decode() for p in pending] == [second.entry_id]
+        await r.delete(dead_key(model_name))
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_retried_finish_still_pushes_the_reply_once(redis_url, model_name):
+    from sluice.protocol import GROUP
+    from sluice.queue import Outcome
+
+    async def scenario() -> None:
+        r = connect(redis_url)
+        q = StreamQueue(r, model_name, "c1", QueueSettings())
+        await q.ensure_group()
+        reply = f"reply-{model_name}"
+        await r.xadd(jobs_key(model_name), {"id": "f1", "input": '{"text": "a"}'})
+        (entry,) = await q.pull(10, None)
+        outcome = Outcome(entry.entry_id, "f1", b'{"id":"f1","status":"ok"}', reply)
+        # The first attempt's MULTI ran, but its reply (and so the push) was lost.
+        await r.set(result_key(model_name, "f1"), outcome.result_json, nx=True)
+        await r.xack(jobs_key(model_name), GROUP, entry.entry_id)
+
+        assert await q.finish([outcome]) == 1
+        assert await r.xlen(reply) == 1
+        # A duplicate *run* (different bytes) neither stores nor pushes.
+        rerun = Outcome(entry.entry_id, "f1", b'{"id":"f1","status":"ok","x":1}', reply)
+        assert await q.finish([rerun]) == 0
+        assert await r.xlen(reply) == 1
+        await r.aclose()
+
+    asyncio.run(scenario())
