@@ -144,18 +144,25 @@ def test_results_encoded_off_the_model_thread_match_inline(redis_url, model_name
     asyncio.run(scenario())
 
 
+async def queue_with(
+    url: str, model: str, *entries: dict[str, str]
+) -> tuple[Any, StreamQueue, list]:
+    """A consumer "c1" on a fresh group that has pulled `entries` (XADDed first)."""
+    r = connect(url)
+    q = StreamQueue(r, model, "c1", QueueSettings())
+    await q.ensure_group()
+    for fields in entries:
+        await r.xadd(jobs_key(model), fields)
+    return r, q, await q.pull(10, None)
+
+
 def test_dead_letters_are_idempotent_and_a_refused_one_acks_nothing(redis_url, model_name):
     from sluice.protocol import GROUP, dead_key
     from sluice.queue import DeadLetter
 
     async def scenario() -> None:
-        r = connect(redis_url)
-        q = StreamQueue(r, model_name, "c1", QueueSettings())
-        await q.ensure_group()
+        r, q, (first, second) = await queue_with(redis_url, model_name, *[{"input": "{}"}] * 2)
         stream = jobs_key(model_name)
-        for _ in range(2):
-            await r.xadd(stream, {"input": "{}"})
-        first, second = await q.pull(10, None)
         letter = DeadLetter(first.entry_id, {"input": "{}"}, "missing field `id`", 1)
         # Retried after a lost reply: one dead letter, not two.
         assert await q.dead_letter([letter]) == 1
@@ -180,12 +187,9 @@ def test_a_retried_finish_still_pushes_the_reply_once(redis_url, model_name):
     from sluice.queue import Outcome
 
     async def scenario() -> None:
-        r = connect(redis_url)
-        q = StreamQueue(r, model_name, "c1", QueueSettings())
-        await q.ensure_group()
+        job = {"id": "f1", "input": '{"text": "a"}'}
+        r, q, (entry,) = await queue_with(redis_url, model_name, job)
         reply = f"reply-{model_name}"
-        await r.xadd(jobs_key(model_name), {"id": "f1", "input": '{"text": "a"}'})
-        (entry,) = await q.pull(10, None)
         outcome = Outcome(entry.entry_id, "f1", b'{"id":"f1","status":"ok"}', reply)
         # The first attempt's MULTI ran, but its reply (and so the push) was lost.
         await r.set(result_key(model_name, "f1"), outcome.result_json, nx=True)
