@@ -7,7 +7,12 @@ Two decisions live here and nowhere else:
   may wait up to `max_wait_ms` for more, but only while the model is busy: an idle model runs
   what it has at once, since waiting then adds latency and buys nothing.
 * **Cut** (`cut_batches`): encoded jobs are sorted by length (less padding) and cut into model
-  batches of at most `max_batch_size` jobs and `max_batch_tokens` padded tokens.
+  batches of at most `max_batch_size` jobs and `max_batch_tokens` padded tokens; the worker
+  cuts each priority lane apart, so a high job never rides in a normal batch that queues last.
+
+Priority is the pull's (queue.StreamQueue.pull empties the high lane first) and the run
+queue's (running.RunQueue runs high batches next); expired jobs are dropped before the model
+sees them, both when pulled and again just before their batch runs (running.ModelStage).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from sluice.protocol import NORMAL
 from sluice.queue import Entry
 from sluice.runners.base import Encoded
 from sluice.settings import ModelSettings
@@ -33,6 +39,11 @@ class Batch:
     items: list[Encoded]
     prepared: Any = None
     cut_ms: float = field(default_factory=lambda: time.time() * 1000)
+
+    @property
+    def lane(self) -> int:
+        """The most urgent lane among its jobs: where the batch queues for the model."""
+        return min((i.job.lane for i in self.items), default=NORMAL)
 
     @property
     def padded_tokens(self) -> int:

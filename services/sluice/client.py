@@ -1,13 +1,16 @@
 """The SDK: `AsyncClient` and its blocking twin `Client`.
 
-A client submits jobs with `reply_to` set to its own reply stream and waits by reading that
-stream (XREAD BLOCK), so waiting costs one blocked connection, not a poll per job. Results are
-also stored at `sluice:{M}:result:<id>`; a waiter that hears nothing for `recheck_s` reads those
+A client submits jobs through admission (admission.py: one atomic FCALL that dedupes ids,
+refuses a full queue with `Overloaded` and an unknown model with `UnknownModel`) with
+`reply_to` set to its own reply stream, and waits by reading that stream (XREAD BLOCK), so
+waiting for many jobs costs one blocked connection, not a poll per job. Results are also
+stored at `sluice:{M}:result:<id>`; a waiter that hears nothing for `recheck_s` reads those
 keys once, which covers a reply lost in a replica crash between the store and the push.
 
     with Client() as client:
-        job_id = client.submit("minilm", "hello world")
+        job_id = client.submit("minilm", "hello world", priority="high", deadline_s=5)
         vector = client.result(job_id).output
+        results = client.wait(client.submit_many("minilm", ["a", "b", "c"]))
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from sluice import admission
 from sluice.errors import JobCancelled, JobExpired, ResultTimeout, SluiceError, from_wire
 from sluice.protocol import (
     Result,
@@ -80,9 +84,15 @@ class AsyncClient:
         *,
         redis: aioredis.Redis | None = None,
         recheck_s: float = 2.0,
+        admission: bool = True,
     ) -> None:
-        url = redis_url or Settings().redis_url
+        """`admission=False` submits with plain XADD: no dedupe, no queue bound, no model
+        check (what a raw producer does; for a Redis user without FCALL rights)."""
+        settings = Settings()
+        url = redis_url or settings.redis_url
         self.redis = redis or aioredis.Redis.from_url(url, socket_connect_timeout=5)
+        self.admission = admission
+        self.result_ttl_s = settings.queue.result_ttl_s
         self.client_id = uuid.uuid4().hex
         self.reply_stream = reply_key(self.client_id)
         self.recheck_s = recheck_s
@@ -121,10 +131,21 @@ class AsyncClient:
         id: str | None = None,
         params: Mapping[str, Any] | None = None,
         deadline_s: float | None = None,
+        priority: str = "normal",
     ) -> str:
-        """Queues one job; returns its id. A `str` input means `{"text": input}`."""
+        """Queues one job; returns its id. A `str` input means `{"text": input}`.
+
+        An `id` seen before is not queued again: its one result answers both submits.
+        `deadline_s`: not started within that many seconds, the job ends `expired`, unrun.
+        `priority`: "high", "normal" or "low". Raises `Overloaded` when the queue is full.
+        """
         ids = await self.submit_many(
-            model, [input], ids=None if id is None else [id], params=params, deadline_s=deadline_s
+            model,
+            [input],
+            ids=None if id is None else [id],
+            params=params,
+            deadline_s=deadline_s,
+            priority=priority,
         )
         return ids[0]
 
@@ -136,15 +157,18 @@ class AsyncClient:
         ids: Sequence[str] | None = None,
         params: Mapping[str, Any] | None = None,
         deadline_s: float | None = None,
+        priority: str = "normal",
     ) -> list[str]:
-        """Queues many jobs in one round trip; returns their ids in order."""
+        """Queues many jobs in one round trip; returns their ids in order. If the queue
+        fills part way, raises `Overloaded` with `.accepted` and `.rejected` ids."""
         check_model_name(model)
+        lane = jobs_key(model, priority)
         items = list(inputs)
         job_ids = list(ids) if ids is not None else [uuid.uuid4().hex for _ in items]
         if len(job_ids) != len(items):
             raise ValueError(f"got {len(items)} inputs but {len(job_ids)} ids")
         deadline_ms = None if deadline_s is None else int((time.time() + deadline_s) * 1000)
-        entries: list[dict[Any, Any]] = [
+        entries: list[dict[str, str]] = [
             encode_job_fields(
                 job_id,
                 _as_input(item),
@@ -154,13 +178,32 @@ class AsyncClient:
             )
             for job_id, item in zip(job_ids, items, strict=True)
         ]
+        if self.admission:
+            admitted = await admission.submit(
+                self.redis, model, list(zip(job_ids, entries, strict=True)), priority
+            )
+            for a in admitted:
+                if a.status != "rejected":
+                    _remember(self._models, a.job_id, model, MAX_TRACKED_IDS)
+            admission.raise_if_rejected(model, admitted)
+            return job_ids
         async with self.redis.pipeline(transaction=False) as pipe:
             for fields in entries:
-                pipe.xadd(jobs_key(model), fields)
+                pipe.xadd(lane, dict[Any, Any](fields))
             await pipe.execute()
         for job_id in job_ids:
             _remember(self._models, job_id, model, MAX_TRACKED_IDS)
         return job_ids
+
+    async def cancel(self, job_id: str, *, model: str | None = None) -> Result:
+        """Cancels a job that has no final result yet; returns its final result (`cancelled`,
+        or what it had already). A job a replica is running finishes, its output unused."""
+        job_model = self._models.get(job_id, model)
+        if job_model is None:
+            raise ValueError(f"job {job_id!r} was not submitted by this client: pass model=")
+        final = await admission.cancel(self.redis, job_model, job_id, self.result_ttl_s)
+        self._deliver(final)
+        return final
 
     # -- wait ---------------------------------------------------------------------------------
 
@@ -174,8 +217,15 @@ class AsyncClient:
     async def results(
         self, job_ids: Sequence[str], timeout: float = 30.0, *, model: str | None = None
     ) -> list[Result]:
-        """Every job's final result, in order, whatever its status; `ResultTimeout` if any is
-        missing after `timeout` seconds. `model` is needed only for jobs another client sent."""
+        """The same as `wait`."""
+        return await self.wait(job_ids, timeout, model=model)
+
+    async def wait(
+        self, job_ids: Sequence[str], timeout: float = 30.0, *, model: str | None = None
+    ) -> list[Result]:
+        """Every job's final result, in order, whatever its status, as pushed to this
+        client's reply stream; `ResultTimeout` if any is missing after `timeout` seconds.
+        `model` is needed only for jobs another client sent."""
         loop = asyncio.get_running_loop()
         futures: dict[str, asyncio.Future[Result]] = {}
         for job_id in dict.fromkeys(job_ids):
@@ -267,21 +317,23 @@ class AsyncClient:
 class Client:
     """The blocking SDK: an `AsyncClient` driven on a private event-loop thread."""
 
-    def __init__(self, redis_url: str | None = None, *, recheck_s: float = 2.0) -> None:
+    def __init__(
+        self, redis_url: str | None = None, *, recheck_s: float = 2.0, admission: bool = True
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="sluice-client"
         )
         self._thread.start()
         try:
-            self._async = self._call(self._make(redis_url, recheck_s))
+            self._async = self._call(self._make(redis_url, recheck_s, admission))
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
 
     @staticmethod
-    async def _make(redis_url: str | None, recheck_s: float) -> AsyncClient:
-        return AsyncClient(redis_url, recheck_s=recheck_s)
+    async def _make(redis_url: str | None, recheck_s: float, admission: bool) -> AsyncClient:
+        return AsyncClient(redis_url, recheck_s=recheck_s, admission=admission)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -316,8 +368,16 @@ class Client:
         return self._call(self._async.result(job_id, timeout, **kwargs))
 
     def results(self, job_ids: Sequence[str], timeout: float = 30.0, **kwargs: Any) -> list[Result]:
-        """See `AsyncClient.results`."""
-        return self._call(self._async.results(job_ids, timeout, **kwargs))
+        """See `AsyncClient.wait`."""
+        return self._call(self._async.wait(job_ids, timeout, **kwargs))
+
+    def wait(self, job_ids: Sequence[str], timeout: float = 30.0, **kwargs: Any) -> list[Result]:
+        """See `AsyncClient.wait`."""
+        return self._call(self._async.wait(job_ids, timeout, **kwargs))
+
+    def cancel(self, job_id: str, **kwargs: Any) -> Result:
+        """See `AsyncClient.cancel`."""
+        return self._call(self._async.cancel(job_id, **kwargs))
 
 
 __all__ = ["AsyncClient", "Client", "SluiceError", "raise_for_status"]

@@ -7,8 +7,10 @@ The tree::
     ├── InvalidParams       invalid_params     400   unknown or ill-typed per-job params
     ├── InputTooLarge       input_too_large    413   input or params over the configured limit
     ├── UnknownModel        unknown_model      404   no model of that name is served
-    ├── Rejected            rejected           429   admission refused the job (queue full)
-    ├── ModelFailure        model_failure      500   the model raised while running the batch
+    ├── Overloaded          rejected           429   admission refused the job (queue full)
+    ├── ModelFailure        model_failure      500   the model raised while running the job
+    ├── ResourceExhausted   resource_exhausted 503   out of memory or a timeout: retried, then
+    │                                                 dead-lettered
     ├── DeadLettered        dead_lettered      500   delivered max_deliveries times, never finished
     ├── Internal            internal           500   a bug in Sluice itself
     ├── ResultTimeout       timeout            504   (client side) no result within the wait
@@ -70,16 +72,37 @@ class UnknownModel(SluiceError):
     code, http_status = "unknown_model", 404
 
 
-class Rejected(SluiceError):
+class Overloaded(SluiceError):
     """Admission refused the job (queue full)."""
 
     code, http_status, retryable = "rejected", 429, True
 
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: str | None = None,
+        accepted: list[str] | None = None,
+        rejected: list[str] | None = None,
+    ) -> None:
+        super().__init__(message, job_id=job_id)
+        self.accepted = accepted or []  # of a `submit_many`: the ids that were queued
+        self.rejected = rejected or []
+
+
+Rejected = Overloaded  # the wire code's name
+
 
 class ModelFailure(SluiceError):
-    """The model raised while running the batch."""
+    """The model raised while running the job."""
 
-    code, http_status, retryable = "model_failure", 500, True
+    code, http_status = "model_failure", 500
+
+
+class ResourceExhausted(SluiceError):
+    """Out of memory or a timeout: retried, then dead-lettered."""
+
+    code, http_status, retryable = "resource_exhausted", 503, True
 
 
 class DeadLettered(SluiceError):
@@ -117,8 +140,9 @@ _ALL: tuple[type[SluiceError], ...] = (
     InvalidParams,
     InputTooLarge,
     UnknownModel,
-    Rejected,
+    Overloaded,
     ModelFailure,
+    ResourceExhausted,
     DeadLettered,
     Internal,
     ResultTimeout,
@@ -142,3 +166,18 @@ def from_wire(code: str, message: str, *, job_id: str | None = None) -> SluiceEr
     if cls is None:
         return SluiceError(f"{code}: {message}", job_id=job_id)
     return cls(message, job_id=job_id)
+
+
+def classify(exc: BaseException) -> SluiceError:
+    """What a runner's exception means for the job: retryable (transient: out of memory,
+    timeouts, lost connections) or final (`model_failure`: the same input fails again).
+
+    torch's `OutOfMemoryError` is matched by name so this module needs no torch."""
+    if isinstance(exc, SluiceError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError | TimeoutError | ConnectionError) or (
+        type(exc).__name__ == "OutOfMemoryError"
+    ):
+        return ResourceExhausted(text)
+    return ModelFailure(text)

@@ -36,3 +36,116 @@ end
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 return stored
 """
+
+# KEYS: the lanes, most urgent first. ARGV: group, consumer, count.
+# One round trip that reads a lane dry before the next: a high-priority job overtakes any
+# normal backlog. Returns {{lane number, entries}, ...}; an empty table when all are empty.
+PULL = """
+local out = {}
+local left = tonumber(ARGV[3])
+for lane, key in ipairs(KEYS) do
+  if left <= 0 then break end
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left,
+                           'STREAMS', key, '>')
+  if reply then
+    local entries = reply[1][2]
+    out[#out + 1] = {lane - 1, entries}
+    left = left - #entries
+  end
+end
+return out
+"""
+
+# Stream ids compare as two numbers, never as strings ("9-0" < "10-0").
+_ID_LT = """
+local function id_lt(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+"""
+
+# KEYS: one lane's stream. Trims every entry below the oldest one some group still needs:
+# the oldest pending entry (delivered, not acked) or, with none, the first undelivered one.
+# Redis 7.0 has no ACKED trim option, and MAXLEN would drop unacked entries: this never
+# does, whatever the groups' state. Returns how many entries it removed.
+TRIM = (
+    _ID_LT
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return 0 end
+local floor = nil
+for _, g in ipairs(groups) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  -- Everything after last-delivered-id is undelivered: keep it (MINID keeps the id itself).
+  local keep = info['last-delivered-id']
+  if tonumber(info['pending']) > 0 then
+    local oldest = redis.call('XPENDING', KEYS[1], info['name'])[2]
+    if id_lt(oldest, keep) then keep = oldest end
+  end
+  if floor == nil or id_lt(keep, floor) then floor = keep end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', floor)
+"""
+)
+
+#: Bumped whenever LIBRARY changes, so replicas replace an older library they find.
+LIBRARY_VERSION = "1"
+
+# The producer side, as a Redis Function library: any language calls it with FCALL, once a
+# replica (or `sluice up`) has loaded it. Documented in docs/protocol.md ("Submitting with
+# admission").
+#
+# sluice_submit  KEYS: target lane, high, normal, low, info, job (dedupe), result
+#                ARGV: field/value pairs of the entry, as for XADD
+#   -> {'queued', entry id}   added
+#      {'duplicate', entry id} the id is queued already: nothing added
+#      {'done'}               the id has a final result already: nothing added
+#      {'rejected', depth, max} the model's queue is full: nothing added
+#      {'unknown_model'}      no model of that name is registered
+LIBRARY = (
+    f"#!lua name=sluice\nlocal VERSION = '{LIBRARY_VERSION}'\n"
+    + """
+-- Jobs that entered and are not yet acked: undelivered (the group's lag) plus pending.
+local function depth(key)
+  if redis.call('EXISTS', key) == 0 then return 0 end
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == 'workers' then
+      local lag = info['lag']
+      -- Redis cannot always tell the lag (after XDEL): then count every entry, to be safe.
+      if not lag then lag = redis.call('XLEN', key) end
+      return tonumber(lag) + tonumber(info['pending'])
+    end
+  end
+  return redis.call('XLEN', key)  -- no replica has read this lane yet
+end
+
+local function submit(keys, args)
+  if redis.call('EXISTS', keys[5]) == 0 then return {'unknown_model'} end
+  if redis.call('EXISTS', keys[7]) == 1 then return {'done'} end
+  local queued = redis.call('GET', keys[6])
+  if queued then return {'duplicate', queued} end
+  local max = tonumber(redis.call('HGET', keys[5], 'max_queue_depth') or '0')
+  if max > 0 then
+    local d = depth(keys[2]) + depth(keys[3]) + depth(keys[4])
+    if d >= max then return {'rejected', tostring(d), tostring(max)} end
+  end
+  local entry = redis.call('XADD', keys[1], '*', unpack(args))
+  local ttl = tonumber(redis.call('HGET', keys[5], 'result_ttl_s') or '86400')
+  redis.call('SET', keys[6], entry, 'EX', ttl)
+  return {'queued', entry}
+end
+
+redis.register_function('sluice_submit', submit)
+redis.register_function{
+  function_name = 'sluice_version',
+  callback = function() return VERSION end,
+  flags = {'no-writes'},
+}
+"""
+)

@@ -28,10 +28,34 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 REPLY_TO_RE = re.compile(r"^(?!sluice:\{)[\x21-\x7e]{1,256}$")
 DEADLINE_RE = re.compile(r"^[0-9]{1,16}$")
 STATUSES = ("ok", "error", "expired", "cancelled")
+# Priority lanes, most urgent first: one stream each; a replica empties a lane before it
+# reads the next. "normal" is the plain `sluice:{M}:jobs` of protocol v1.
+PRIORITIES = ("high", "normal", "low")
+NORMAL = PRIORITIES.index("normal")
+MODELS_KEY = "sluice:models"
 
 
-def jobs_key(model: str) -> str:
-    return f"sluice:{{{model}}}:jobs"
+def jobs_key(model: str, priority: str = "normal") -> str:
+    """The stream of one priority lane (`sluice:{M}:jobs`, `...:jobs:high`, `...:jobs:low`)."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+    base = f"sluice:{{{model}}}:jobs"
+    return base if priority == "normal" else f"{base}:{priority}"
+
+
+def lane_keys(model: str) -> list[str]:
+    """Every lane's stream, most urgent first (index = lane number)."""
+    return [jobs_key(model, p) for p in PRIORITIES]
+
+
+def info_key(model: str) -> str:
+    """A served model's registration (hash): what admission checks and `sluice status` shows."""
+    return f"sluice:{{{model}}}:info"
+
+
+def job_key(model: str, job_id: str) -> str:
+    """The dedupe record of an SDK submit: the job's entry id, until the result's TTL."""
+    return f"sluice:{{{model}}}:job:{job_id}"
 
 
 def result_key(model: str, job_id: str) -> str:
@@ -69,8 +93,10 @@ class Job:
     deadline_ms: int | None = None
     reply_to: str | None = None
     deliveries: int = 1
+    lane: int = NORMAL
     enqueued_ms: int = 0
     pulled_ms: float = field(default_factory=lambda: time.time() * 1000)
+    fields: dict[str, str] = field(default_factory=dict)  # as received: for a dead letter
 
     def expired(self, now_ms: float | None = None) -> bool:
         if self.deadline_ms is None:
@@ -88,6 +114,7 @@ class BadEntry:
     id: str | None
     reply_to: str | None
     deliveries: int = 1
+    lane: int = NORMAL
 
 
 def decode_fields(raw: Mapping[Any, bytes | str]) -> tuple[dict[str, str], set[str]]:
@@ -126,6 +153,7 @@ def decode_job(
     raw_fields: Mapping[Any, bytes | str],
     limits: QueueSettings,
     deliveries: int = 1,
+    lane: int = NORMAL,
 ) -> Job | BadEntry:
     """Turns one stream entry into a `Job`, or a `BadEntry` saying what is wrong with it."""
     fields, not_utf8 = decode_fields(raw_fields)
@@ -135,7 +163,7 @@ def decode_job(
     usable_reply = reply_to if reply_to is not None and REPLY_TO_RE.fullmatch(reply_to) else None
 
     def bad(err: SluiceError) -> BadEntry:
-        return BadEntry(entry_id, fields, err, usable_id, usable_reply, deliveries)
+        return BadEntry(entry_id, fields, err, usable_id, usable_reply, deliveries, lane)
 
     if job_id is None:
         return bad(InvalidInput("missing field `id`"))
@@ -161,7 +189,9 @@ def decode_job(
         deadline_ms=deadline_ms,
         reply_to=usable_reply,
         deliveries=deliveries,
+        lane=lane,
         enqueued_ms=entry_time_ms(entry_id),
+        fields=fields,
     )
 
 

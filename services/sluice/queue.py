@@ -1,4 +1,4 @@
-"""Redis Streams I/O for one model: pull, reclaim, result + ack, dead letters.
+"""Redis Streams I/O for one model: pull, reclaim, result + ack, dead letters, trimming.
 
 The only module that speaks Redis commands on the replica side. Redis errors leave it as
 themselves (connection errors are retried by the caller's loop); a missing group is recreated
@@ -7,8 +7,9 @@ here, because a Redis restarted without persistence comes back with no group.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,17 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from sluice import lua
-from sluice.protocol import GROUP, dead_key, jobs_key, result_key
+from sluice.admission import load_library
+from sluice.protocol import (
+    GROUP,
+    MODELS_KEY,
+    NORMAL,
+    PRIORITIES,
+    dead_key,
+    info_key,
+    lane_keys,
+    result_key,
+)
 from sluice.settings import QueueSettings
 
 log = logging.getLogger(__name__)
@@ -26,11 +37,12 @@ RawFields = dict[bytes, bytes]
 
 @dataclass(slots=True)
 class Entry:
-    """A stream entry as read: its id, raw fields and how many times it was delivered."""
+    """A stream entry as read: its id, raw fields, delivery count and priority lane."""
 
     entry_id: str
     fields: RawFields
     deliveries: int = 1
+    lane: int = NORMAL
 
 
 @dataclass(slots=True)
@@ -42,6 +54,7 @@ class Outcome:
     result_json: bytes
     reply_to: str | None = None
     status: str = "ok"
+    lane: int = NORMAL
 
 
 @dataclass(slots=True)
@@ -53,6 +66,7 @@ class DeadLetter:
     reason: str
     deliveries: int
     outcome: Outcome | None = None  # an error result too, when the entry had a usable id
+    lane: int = NORMAL
 
 
 def connect(url: str, **kwargs: Any) -> aioredis.Redis:
@@ -72,7 +86,7 @@ def _id(raw: bytes | str) -> str:
 
 
 class StreamQueue:
-    """One model's stream as seen by one consumer (one replica)."""
+    """One model's lanes as seen by one consumer (one replica)."""
 
     def __init__(
         self, redis: aioredis.Redis, model: str, consumer: str, settings: QueueSettings
@@ -81,36 +95,65 @@ class StreamQueue:
         self.model = model
         self.consumer = consumer
         self.settings = settings
-        self.jobs_key = jobs_key(model)
+        self.lanes = lane_keys(model)
+        self.jobs_key = self.lanes[NORMAL]
         self.dead_key = dead_key(model)
         self._push_reply = redis.register_script(lua.PUSH_REPLY)
         self._dead_letter = redis.register_script(lua.DEAD_LETTER)
+        self._pull = redis.register_script(lua.PULL)
+        self._trim = redis.register_script(lua.TRIM)
 
     async def ensure_group(self) -> None:
-        """Creates the group at id 0 (never `$`): jobs queued before any replica are served."""
-        try:
-            await self.redis.xgroup_create(self.jobs_key, GROUP, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", GROUP, self.jobs_key)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Creates the group on every lane at id 0 (never `$`): jobs queued before any
+        replica existed are served."""
+        for key in self.lanes:
+            try:
+                await self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+                log.info("created consumer group %s on %s", GROUP, key)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def register(self, info: Mapping[str, str | int | float]) -> None:
+        """Marks the model as served (admission refuses unregistered models), with the
+        limits admission reads, and loads the submit library for producers."""
+        fields: dict[Any, Any] = {**info, "max_queue_depth": self.settings.max_queue_depth,
+                  "result_ttl_s": self.settings.result_ttl_s}  # fmt: skip
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(info_key(self.model), mapping=fields)
+            pipe.sadd(MODELS_KEY, self.model)
+            await pipe.execute()
+        await load_library(self.redis)
 
     async def pull(self, count: int, block_ms: int | None) -> list[Entry]:
-        """New entries for this consumer; blocks up to `block_ms` when there are none."""
+        """Up to `count` new entries, the most urgent lane first; blocks up to `block_ms`
+        when every lane is empty."""
         try:
-            reply: Any = await self.redis.xreadgroup(
-                GROUP, self.consumer, {self.jobs_key: ">"}, count=count, block=block_ms
+            reply: Any = await self._pull(keys=self.lanes, args=[GROUP, self.consumer, count])
+            # A script's reply carries each entry's fields as a flat [name, value, ...] list.
+            entries = [
+                Entry(_id(eid), dict(zip(flat[0::2], flat[1::2], strict=True)), lane=int(lane))
+                for lane, rows in reply
+                for eid, flat in rows
+            ]
+            if entries or not block_ms:
+                return entries
+            # Nothing anywhere: wait on all lanes at once (whichever fills first wakes us).
+            streams: dict[Any, Any] = dict.fromkeys(self.lanes, ">")
+            reply = await self.redis.xreadgroup(
+                GROUP, self.consumer, streams, count=count, block=block_ms
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             await self.ensure_group()
             return []
-        if not reply:
-            return []
-        # redis-py returns [[key, [(id, fields), ...]]] for RESP2.
-        entries = reply[0][1]
-        return [Entry(_id(eid), fields or {}) for eid, fields in entries]
+        # redis-py returns [[key, [(id, fields), ...]], ...] for RESP2.
+        return [
+            Entry(_id(eid), fields or {}, lane=self.lanes.index(_id(key)))
+            for key, rows in reply or []
+            for eid, fields in rows
+        ]
 
     async def reclaim(self, count: int) -> list[Entry]:
         """Claims entries idle past the visibility timeout on any consumer (a dead replica's).
@@ -119,34 +162,55 @@ class StreamQueue:
         replicas reclaiming at once cannot both win the same entry.
         """
         min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
-        try:
-            pending: Any = await self.redis.xpending_range(
-                self.jobs_key, GROUP, min="-", max="+", count=count, idle=min_idle_ms
+        entries: list[Entry] = []
+        for lane, key in enumerate(self.lanes):
+            try:
+                pending: Any = await self.redis.xpending_range(
+                    key, GROUP, min="-", max="+", count=count, idle=min_idle_ms
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                continue
+            if not pending:
+                continue
+            counts = {_id(p["message_id"]): int(p["times_delivered"]) for p in pending}
+            claimed: Any = await self.redis.xclaim(
+                key, GROUP, self.consumer, min_idle_ms, list(counts)
             )
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            return []
-        if not pending:
-            return []
-        counts = {_id(p["message_id"]): int(p["times_delivered"]) for p in pending}
-        claimed: Any = await self.redis.xclaim(
-            self.jobs_key, GROUP, self.consumer, min_idle_ms, list(counts)
-        )
-        entries = []
-        for eid, fields in claimed:
-            entry_id = _id(eid)
             # XCLAIM counts this delivery too.
-            entries.append(Entry(entry_id, fields or {}, counts.get(entry_id, 0) + 1))
+            entries += [
+                Entry(_id(eid), fields or {}, counts.get(_id(eid), 0) + 1, lane)
+                for eid, fields in claimed
+            ]
         if entries:
-            log.info("reclaimed %d stale entries on %s", len(entries), self.jobs_key)
+            log.info("reclaimed %d stale entries of %s", len(entries), self.model)
         return entries
+
+    async def keep(self, lane: int, entry_id: str, deliveries: int) -> bool:
+        """Keeps an entry this consumer is retrying: resets its idle time (so nobody
+        reclaims it during the backoff) and records the delivery count a reclaimer would
+        see. False if the entry is no longer pending (answered meanwhile)."""
+        claimed: Any = await self.redis.xclaim(
+            self.lanes[lane], GROUP, self.consumer, 0, [entry_id],
+            retrycount=deliveries, justid=True,
+        )  # fmt: skip
+        return bool(claimed)
+
+    async def existing_results(self, job_ids: Sequence[str]) -> list[bytes | None]:
+        """The stored result of each id, if it has one already (cancelled, or a reused id)."""
+        if not job_ids:
+            return []
+        values: Any = await self.redis.mget([result_key(self.model, i) for i in job_ids])
+        return list(values)
 
     async def finish(self, outcomes: Sequence[Outcome]) -> int:
         """Stores each result once (SET NX, first writer wins) and acks, in one MULTI.
 
-        Then pushes to `reply_to` only the results this call actually stored, so a duplicate
-        run after a crash never sends a second, different result. Returns how many it stored.
+        Then pushes to `reply_to` exactly what the job's one result is, once per entry:
+        this call's result when it won; the stored one when another writer won but this
+        entry was still unanswered (a cancel, or the same id queued twice); nothing for a
+        duplicate run of an entry that was answered already. Returns how many it stored.
         """
         if not outcomes:
             return 0
@@ -154,26 +218,36 @@ class StreamQueue:
         async with self.redis.pipeline(transaction=True) as tx:
             for o in outcomes:
                 tx.set(result_key(self.model, o.job_id), o.result_json, nx=True, ex=ttl)
-            tx.xack(self.jobs_key, GROUP, *[o.entry_id for o in outcomes])
+                tx.xack(self.lanes[o.lane], GROUP, o.entry_id)
             replies = await tx.execute()
-        stored = [o for o, ok in zip(outcomes, replies[:-1], strict=True) if ok]
-        lost = [o for o, ok in zip(outcomes, replies[:-1], strict=True) if not ok]
+        won = replies[0::2]
+        acked = replies[1::2]
+        pushes = [(o.reply_to, o.result_json) for o, ok in zip(outcomes, won, strict=True) if ok]
+        lost = [(o, ack) for o, ok, ack in zip(outcomes, won, acked, strict=True) if not ok]
+        stored = len(pushes)
         if lost:
-            # Either a duplicate run, or this very write retried after its EXEC reply was lost:
-            # in that case the stored value is ours, byte for byte, and its push is still owed.
-            current = await self.redis.mget([result_key(self.model, o.job_id) for o in lost])
-            stored += [o for o, value in zip(lost, current, strict=True) if value == o.result_json]
-        await self._push_replies(stored)
-        return len(stored)
+            keys = [result_key(self.model, o.job_id) for o, _ in lost]
+            current: Any = await self.redis.mget(keys)
+            for (o, ack), value in zip(lost, current, strict=True):
+                if value is None:
+                    continue  # the result expired already: nothing to say
+                if value == o.result_json:
+                    # This very write, retried after its EXEC reply was lost: the push is owed.
+                    stored += 1
+                    pushes.append((o.reply_to, value))
+                elif ack:
+                    pushes.append((o.reply_to, value))
+        await self._push_replies(pushes)
+        return stored
 
-    async def _push_replies(self, stored: Sequence[Outcome]) -> None:
-        pushes = [(o.reply_to, o) for o in stored if o.reply_to]
+    async def _push_replies(self, owed: Sequence[tuple[str | None, bytes]]) -> None:
+        pushes = [(reply_to, body) for reply_to, body in owed if reply_to]
         if not pushes:
             return
         limits = (self.settings.reply_maxlen, self.settings.reply_ttl_s)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for reply_to, o in pushes:
-                await self._push_reply(keys=[reply_to], args=[o.result_json, *limits], client=pipe)
+            for reply_to, body in pushes:
+                await self._push_reply(keys=[reply_to], args=[body, *limits], client=pipe)
             results = await pipe.execute(raise_on_error=False)
         for (reply_to, _), res in zip(pushes, results, strict=True):
             if res == 0 or isinstance(res, Exception):
@@ -194,27 +268,47 @@ class StreamQueue:
             for d in letters:
                 result = d.outcome.result_json if d.outcome is not None else b""
                 key = result_key(self.model, d.outcome.job_id) if d.outcome else self.dead_key
+                # The original fields first; ours after, so they win a name clash.
                 fields = {**d.fields, "reason": d.reason, "deliveries": str(d.deliveries),
-                          "entry_id": d.entry_id}  # fmt: skip
+                          "entry_id": d.entry_id, "lane": PRIORITIES[d.lane]}  # fmt: skip
                 pairs = [x for kv in fields.items() for x in kv]
                 await self._dead_letter(
-                    keys=[self.jobs_key, self.dead_key, key],
+                    keys=[self.lanes[d.lane], self.dead_key, key],
                     args=[d.entry_id, *limits, result, self.settings.result_ttl_s, *pairs],
                     client=pipe,
                 )
             replies = await pipe.execute()
-        stored = [d.outcome for d, r in zip(letters, replies, strict=True) if r == 2 and d.outcome]
+        stored = [
+            (d.outcome.reply_to, d.outcome.result_json)
+            for d, r in zip(letters, replies, strict=True)
+            if r == 2 and d.outcome
+        ]
         await self._push_replies(stored)
         done = sum(1 for r in replies if r)
         log.warning("dead-lettered %d entries on %s", done, self.dead_key)
         return done
 
+    async def trim(self) -> int:
+        """Drops acked entries from every lane (never one still pending or undelivered)."""
+        removed = 0
+        for key in self.lanes:
+            removed += int(await self._trim(keys=[key]))
+        return removed
+
     async def pending_count(self) -> int:
-        """Entries delivered to this consumer and not yet acked."""
-        rows = await self.redis.xpending_range(
-            self.jobs_key, GROUP, min="-", max="+", count=1, consumername=self.consumer
-        )
-        return len(rows)
+        """Entries delivered to this consumer and not yet acked, over all lanes."""
+        total = 0
+        for key in self.lanes:
+            try:
+                rows = await self.redis.xpending_range(
+                    key, GROUP, min="-", max="+", count=1, consumername=self.consumer
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                continue
+            total += len(rows)
+        return total
 
     async def leave(self) -> None:
         """Removes this consumer from the group, but only when it holds no pending entry.
@@ -223,4 +317,6 @@ class StreamQueue:
         lose them: so it runs only after a clean drain.
         """
         if await self.pending_count() == 0:
-            await self.redis.xgroup_delconsumer(self.jobs_key, GROUP, self.consumer)
+            for key in self.lanes:
+                with contextlib.suppress(ResponseError):
+                    await self.redis.xgroup_delconsumer(key, GROUP, self.consumer)

@@ -65,6 +65,11 @@ class Replica:
         queue = StreamQueue(redis, model.name, self.consumer, self.config.settings.queue)
         self.worker = Worker(queue, runner, model, self.config.settings.queue)
         self.worker.start()
+        try:
+            # Registered before Serve calls us ready, so SDK submits are admitted at once.
+            await asyncio.wait_for(self.worker.ready.wait(), timeout=15)
+        except TimeoutError:
+            log.warning("redis unreachable at start; the replica keeps trying")
         log.info("replica %s serving %s (%s)", self.consumer, model.name, runner.describe())
 
     async def check_health(self) -> None:

@@ -10,17 +10,18 @@ expired, and for every batch when `encode_inline` (CPU models) says to encode th
 
 from __future__ import annotations
 
-import contextlib
+import heapq
+import itertools
 import logging
-import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sluice.batching import Batch
-from sluice.errors import JobExpired, ModelFailure, SluiceError
-from sluice.protocol import BadEntry, Job, Result, error_result
+from sluice.errors import JobExpired, ModelFailure, SluiceError, classify
+from sluice.protocol import PRIORITIES, BadEntry, Job, Result, error_result
 from sluice.queue import Outcome
 from sluice.runners.base import Runner
 
@@ -56,15 +57,66 @@ class Ran:
         }
 
 
-RunItem = Ran | list[Outcome]
+@dataclass(slots=True)
+class Retry:
+    """A job that failed in a way that may pass (out of memory, a timeout): run it again."""
+
+    job: Job
+    error: SluiceError
+
+
+RunItem = Ran | list[Outcome] | Retry
 
 
 def outcome_of(job: Job | BadEntry, result: Result) -> Outcome:
-    return Outcome(job.entry_id, result.id, result.to_json(), job.reply_to, result.status)
+    return Outcome(job.entry_id, result.id, result.to_json(), job.reply_to, result.status, job.lane)
 
 
 def failed(model: str, job: Job, err: SluiceError) -> Outcome:
     return outcome_of(job, error_result(model, job.id, err))
+
+
+class RunQueue:
+    """Prepared batches waiting for the model, the most urgent lane first.
+
+    Normal and low batches share `capacity` places; high batches have `capacity` places of
+    their own, so a high batch never waits behind a full queue of normal ones (it runs next),
+    and a flood of high jobs is bounded all the same.
+    """
+
+    _END = len(PRIORITIES)  # the close sentinel sorts after every batch
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._heap: list[tuple[int, int, Batch | None]] = []
+        self._used = [0, 0]  # places taken: high, the rest
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+
+    def put(self, batch: Batch | None, lane: int) -> None:
+        kind = 0 if lane == 0 else 1
+        with self._cond:
+            while self._used[kind] >= self._capacity:
+                self._cond.wait()
+            heapq.heappush(self._heap, (lane, next(self._seq), batch))
+            self._used[kind] += 1
+            self._cond.notify_all()
+
+    def get(self) -> Batch | None:
+        with self._cond:
+            while not self._heap:
+                self._cond.wait()
+            lane, _, batch = heapq.heappop(self._heap)
+            self._used[0 if lane <= 0 else 1] -= 1
+            self._cond.notify_all()
+            return batch
+
+    def clear_and_end(self) -> None:
+        """Drops what waits and puts an end marker first in line; never blocks."""
+        with self._cond:
+            self._heap = [(-1, next(self._seq), None)]
+            self._used = [1, 0]
+            self._cond.notify_all()
 
 
 class ModelStage:
@@ -85,24 +137,21 @@ class ModelStage:
         self.busy = False
         self.batches = 0
         self._emit = emit
-        self._queue: queue.Queue[Batch | None] = queue.Queue(prefetch)
+        self._queue = RunQueue(prefetch)
 
     def submit(self, batch: Batch) -> None:
-        """Queues a prepared batch; blocks while `prefetch` batches wait (backpressure)."""
-        self._queue.put(batch)
+        """Queues a prepared batch; blocks while `prefetch` batches of its kind wait
+        (backpressure)."""
+        self._queue.put(batch, batch.lane)
 
     def close(self) -> None:
         """Ends the loop after the batches already queued (blocks like `submit`)."""
-        self._queue.put(None)
+        self._queue.put(None, RunQueue._END)
 
     def abort(self) -> None:
         """Drops what is queued and ends the loop now: for a stop that ran out of time (the
         dropped jobs stay pending in Redis and are reclaimed by another replica)."""
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._queue.get_nowait()
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)
+        self._queue.clear_and_end()
 
     def run_forever(self) -> None:
         """The model thread's body: until `close`, run each batch and emit what it gives."""
@@ -144,7 +193,8 @@ class ModelStage:
             if len(batch.items) == 1:
                 job = batch.items[0].job
                 log.exception("model failed on job %s", job.id)
-                return [[failed(self.model, job, ModelFailure(f"{type(exc).__name__}: {exc}"))]]
+                err = classify(exc)
+                return [Retry(job, err) if err.retryable else [failed(self.model, job, err)]]
             log.exception("model failed on a batch of %d; retrying one by one", len(batch.items))
             return [
                 result

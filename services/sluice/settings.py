@@ -32,6 +32,15 @@ class QueueSettings(BaseModel):
     dead_maxlen: int = Field(100_000, ge=1, description="approximate MAXLEN of the dead stream")
     max_input_bytes: int = Field(65_536, ge=16, description="max size of the `input` field")
     max_params_bytes: int = Field(4_096, ge=2, description="max size of the `params` field")
+    max_queue_depth: int = Field(
+        100_000, ge=0, description="SDK submits past this many unacked jobs are rejected (0: off)"
+    )
+    retry_backoff_s: float = Field(
+        0.5, gt=0, description="first wait before a retryable failure is retried (doubles)"
+    )
+    trim_interval_s: float = Field(
+        5.0, gt=0, description="how often acked entries are trimmed from the streams"
+    )
 
 
 class ModelSettings(BaseModel):
@@ -49,7 +58,10 @@ class ModelSettings(BaseModel):
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_length: int | None = Field(
-        None, ge=1, description="truncate inputs to this many tokens (default: the model's)"
+        None, ge=1, description="max tokens per job (default: the model's own limit)"
+    )
+    truncate: bool = Field(
+        True, description="cut longer inputs to max_length; false: refuse them (input_too_large)"
     )
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch intra-op threads (default: the actor's CPUs)"

@@ -3,8 +3,8 @@
 Two asyncio tasks and a model thread, joined by bounded queues, so each stage overlaps the
 others:
 
-    pull loop     XREADGROUP (+ reclaim) → decode → bad/expired answered at once
-                  → encode + cut + collate in the prep thread → run queue (bounded)
+    pull loop     priority pull (+ reclaim, trim) → decode → bad/expired/already answered
+                  handled at once → encode + cut + collate in the prep thread → run queue
     model thread  forward passes back to back (running.py) → write queue
     write loop    result JSON in the finish thread → SET NX + XACK in one MULTI → reply_to
 
@@ -33,7 +33,7 @@ from sluice.errors import DeadLettered, InvalidInput, JobExpired, ModelFailure, 
 from sluice.protocol import BadEntry, Job, decode_fields, decode_job, error_result
 from sluice.queue import DeadLetter, Entry, Outcome, StreamQueue
 from sluice.runners.base import Encoded, Runner
-from sluice.running import ModelStage, Ran, RunItem, failed, outcome_of
+from sluice.running import ModelStage, Ran, Retry, RunItem, failed, outcome_of
 from sluice.settings import ModelSettings, QueueSettings
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class WorkerStats:
     dead_letters: int = 0
     reclaimed: int = 0
     duplicates: int = 0
+    skipped: int = 0  # pulled with a final result already (cancelled, or a reused id)
+    retries: int = 0
+    trimmed: int = 0
     redis_errors: int = 0
     started_at: float = field(default_factory=time.time)
 
@@ -96,7 +99,10 @@ class Worker:
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="sluice-model")
         self._finish_pool = ThreadPoolExecutor(1, thread_name_prefix="sluice-finish")
         self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()  # groups created and the model registered, once
+        self._retrying: set[asyncio.Task[None]] = set()
         self._next_reclaim = 0.0
+        self._next_trim = 0.0
         self._tasks: dict[str, asyncio.Future[None]] = {}
         self._last_emit: concurrent.futures.Future[None] | None = None
         self._aborted = threading.Event()  # a stop that timed out: threads must not block
@@ -139,6 +145,8 @@ class Worker:
         reclaimed by another replica after the visibility timeout.
         """
         self._stopping.set()
+        for retry in self._retrying:
+            retry.cancel()  # their entries stay pending: another replica reclaims them
         try:
             async with asyncio.timeout(timeout_s):
                 # asyncio.wait, not await: a loop that already died must not abort the drain.
@@ -171,8 +179,11 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 if not group_ready:
+                    # Again after every outage: a Redis restarted empty lost groups and library.
                     await self.queue.ensure_group()
+                    await self.queue.register(self._registration())
                     group_ready = True
+                    self.ready.set()
                 entries = await self._collector.collect(lambda: self._stage.busy)
                 backoff.reset()
             except (RedisError, OSError) as exc:
@@ -183,12 +194,17 @@ class Worker:
                 continue
             try:
                 entries += await self._maybe_reclaim()
+                await self._maybe_trim()
             except (RedisError, OSError) as exc:
                 # What was pulled already still runs: dropping it would cost it a delivery.
                 self.stats.redis_errors += 1
-                log.warning("reclaim failed (%r)", exc)
+                log.warning("reclaim or trim failed (%r)", exc)
             if entries:
                 await self._admit(entries)
+
+    def _registration(self) -> dict[str, str | int | float]:
+        return {"task": self.runner.task, "model_path": self.model.model_path,
+                "registered_ms": int(time.time() * 1000)}  # fmt: skip
 
     async def _maybe_reclaim(self) -> list[Entry]:
         now = time.monotonic()
@@ -199,13 +215,21 @@ class Worker:
         self.stats.reclaimed += len(entries)
         return entries
 
+    async def _maybe_trim(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_trim:
+            self._next_trim = now + self.limits.trim_interval_s
+            self.stats.trimmed += await self.queue.trim()
+
     async def _admit(self, entries: Sequence[Entry]) -> None:
         """Answers what cannot run (bad, expired, over-delivered); sends the rest on."""
         jobs: list[Job] = []
         answers: list[Outcome] = []
         letters: list[DeadLetter] = []
         for entry in entries:
-            decoded = decode_job(entry.entry_id, entry.fields, self.limits, entry.deliveries)
+            decoded = decode_job(
+                entry.entry_id, entry.fields, self.limits, entry.deliveries, entry.lane
+            )
             if entry.deliveries > self.limits.max_deliveries:
                 letters.append(self._over_delivered(entry, decoded))
             elif isinstance(decoded, BadEntry):
@@ -219,15 +243,37 @@ class Worker:
                 )
             else:
                 jobs.append(decoded)
+        jobs = await self._skip_answered(jobs, answers)
         await self._send(answers)
         await self._send(letters)
         if jobs:
             refused = await self._loop.run_in_executor(self._prep_pool, self._prepare, jobs)
             await self._send(refused)
 
+    async def _skip_answered(self, jobs: list[Job], answers: list[Outcome]) -> list[Job]:
+        """Jobs whose id has a final result already (cancelled while queued, or the same id
+        queued twice) are not run: their entry is acked and their reply_to gets that result."""
+        try:
+            stored = await self.queue.existing_results([job.id for job in jobs])
+        except (RedisError, OSError) as exc:
+            # Run them: SET NX still keeps the first result, so this costs compute, not safety.
+            log.warning("could not look for existing results (%r)", exc)
+            return jobs
+        live = []
+        for job, value in zip(jobs, stored, strict=True):
+            if value is None:
+                live.append(job)
+                continue
+            self.stats.skipped += 1
+            answers.append(Outcome(job.entry_id, job.id, value, job.reply_to, "skipped", job.lane))
+        return live
+
     def _refuse(self, bad: BadEntry, answers: list[Outcome], letters: list[DeadLetter]) -> None:
         if bad.id is None:
-            letters.append(DeadLetter(bad.entry_id, bad.fields, bad.error.message, bad.deliveries))
+            reason = bad.error.message
+            letters.append(
+                DeadLetter(bad.entry_id, bad.fields, reason, bad.deliveries, None, bad.lane)
+            )
             return
         answers.append(outcome_of(bad, error_result(self.model.name, bad.id, bad.error)))
 
@@ -242,7 +288,7 @@ class Worker:
             res = error_result(self.model.name, decoded.id, DeadLettered(reason))
             outcome = outcome_of(decoded, res)
         fields, _ = decode_fields(entry.fields)
-        return DeadLetter(entry.entry_id, fields, reason, entry.deliveries, outcome)
+        return DeadLetter(entry.entry_id, fields, reason, entry.deliveries, outcome, entry.lane)
 
     def _prepare(self, jobs: list[Job]) -> list[Outcome]:
         """Prep thread: tokenize, cut by size and token budget, collate, queue for the model.
@@ -257,7 +303,17 @@ class Worker:
             for job, item in zip(jobs, encoded, strict=True)
             if isinstance(item, SluiceError)
         ]
-        for group in cut_batches(valid, self.model.max_batch_size, self.model.max_batch_tokens):
+        lanes = sorted({item.job.lane for item in valid})
+        groups = [
+            group
+            for lane in lanes
+            for group in cut_batches(
+                [item for item in valid if item.job.lane == lane],
+                self.model.max_batch_size,
+                self.model.max_batch_tokens,
+            )
+        ]
+        for group in groups:
             try:
                 prepared = self.runner.collate(group)
             except Exception as exc:
@@ -303,11 +359,49 @@ class Worker:
 
     async def _write_loop(self) -> None:
         while (item := await self._write_q.get()) is not None:
+            if isinstance(item, Retry):
+                await self._retry(item)
+                continue
             if isinstance(item, Ran):
                 item = await self._loop.run_in_executor(
                     self._finish_pool, item.outcomes, self.model.name
                 )
             await self._write_until_done(item)
+
+    async def _retry(self, item: Retry) -> None:
+        """A retryable failure runs again after a backoff, up to `max_deliveries` runs in
+        all; then the job is dead-lettered with the last error as its reason."""
+        job, err = item.job, item.error
+        if job.deliveries >= self.limits.max_deliveries:
+            reason = (f"{err.code}: {err.message} (failed {job.deliveries} times, "
+                      f"max_deliveries {self.limits.max_deliveries})")  # fmt: skip
+            res = error_result(self.model.name, job.id, DeadLettered(reason))
+            letter = DeadLetter(
+                job.entry_id, job.fields, reason, job.deliveries, outcome_of(job, res), job.lane
+            )
+            await self._write_until_done([letter])
+            return
+        if self._stopping.is_set():
+            return  # left pending: reclaimed elsewhere, its delivery count intact
+        task = self._loop.create_task(self._run_again(job))
+        self._retrying.add(task)
+        task.add_done_callback(self._retrying.discard)
+
+    async def _run_again(self, job: Job) -> None:
+        cap = self.limits.visibility_timeout_s / 2
+        delay = min(self.limits.retry_backoff_s * 2 ** (job.deliveries - 1), cap)
+        await asyncio.sleep(delay * random.uniform(0.8, 1.0))
+        try:
+            # Count this run in Redis too: a crash now must not reset the count.
+            if not await self.queue.keep(job.lane, job.entry_id, job.deliveries + 1):
+                return  # answered meanwhile
+        except (RedisError, OSError) as exc:
+            log.warning("could not keep %s for a retry (%r): left for reclaim", job.id, exc)
+            return
+        job.deliveries += 1
+        self.stats.retries += 1
+        refused = await self._loop.run_in_executor(self._prep_pool, self._prepare, [job])
+        await self._send(refused)
 
     async def _write_until_done(self, item: list[Outcome] | list[DeadLetter]) -> None:
         """Retries through outages (results wait in memory; every write is idempotent). A

@@ -11,7 +11,15 @@ import numpy as np
 import orjson
 import pytest
 
-from sluice import AsyncClient, Client, InvalidInput, InvalidParams, JobExpired, ResultTimeout
+from sluice import (
+    AsyncClient,
+    Client,
+    InvalidInput,
+    InvalidParams,
+    JobExpired,
+    ResultTimeout,
+    UnknownModel,
+)
 from sluice.protocol import decode_embedding, jobs_key, result_key
 from tests.helpers import wait_for, xadd_jobs
 
@@ -34,7 +42,7 @@ def test_client_submit_and_results(deploy, model_name, tiny_bert, redis_url):
         )
 
 
-def test_client_raises_typed_errors(deploy, model_name, tiny_bert, redis_url):
+def test_client_raises_typed_errors(r, deploy, model_name, tiny_bert, redis_url):
     deploy(model_name, tiny_bert)
     with Client(redis_url) as client:
         with pytest.raises(InvalidInput) as bad:
@@ -44,9 +52,14 @@ def test_client_raises_typed_errors(deploy, model_name, tiny_bert, redis_url):
             client.result(client.submit(model_name, "x", params={"nope": 1}))
         with pytest.raises(JobExpired):
             client.result(client.submit(model_name, "x", deadline_s=-1))
-        # A job nobody serves: the wait ends with a clear timeout, not a hang.
+        # A model nobody registered: admission refuses the submit, nothing is queued.
+        with pytest.raises(UnknownModel):
+            client.submit("nobody-serves-this", "x")
+    assert not r.exists(jobs_key("nobody-serves-this"))
+    # A raw producer can queue it anyway: the wait ends with a clear timeout, not a hang.
+    with Client(redis_url, admission=False) as raw:
         with pytest.raises(ResultTimeout):
-            client.result(client.submit("nobody-serves-this", "x"), timeout=0.5)
+            raw.result(raw.submit("nobody-serves-this", "x"), timeout=0.5)
 
 
 def test_async_client_waits_without_polling_and_rechecks_keys(

@@ -21,6 +21,7 @@ BATCHING_FIELDS = (
     "max_batch_tokens",
     "prefetch_batches",
     "max_length",
+    "truncate",
     "torch_threads",
 )
 SETTINGS: dict[str, tuple[type[BaseModel], str]] = {
@@ -62,6 +63,8 @@ def unquote(cell: str) -> str:
 
 
 def number(text: str) -> float:
+    if text in ("true", "false"):
+        return float(text == "true")
     return float(text.replace("_", "").replace(",", ""))
 
 
@@ -86,6 +89,8 @@ def bounds_text(model: type[BaseModel], name: str) -> str:
             parts.append(f"≤ {item.le}")
         elif isinstance(item, annotated_types.Lt):
             parts.append(f"< {item.lt}")
+    if model.model_fields[name].annotation is bool:
+        return "`true`, `false`"
     return ", ".join(parts) or "any"
 
 

@@ -2,7 +2,9 @@
 
 Inputs longer than `max_length` tokens are truncated (the model's own limit by default: for
 sentence-transformers folders, `max_seq_length` of sentence_bert_config.json, 256 for MiniLM),
-exactly as sentence-transformers does, so outputs match it for every input.
+exactly as sentence-transformers does, so outputs match it for every input. With
+`truncate: false` (the model's setting, or a job's `params`) a longer input is refused
+instead, `input_too_large`, as text-embeddings-inference does by default.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from sluice.errors import InvalidInput, InvalidParams, SluiceError
+from sluice.errors import InputTooLarge, InvalidInput, InvalidParams, SluiceError
 from sluice.protocol import Job, encode_embedding
 from sluice.runners.base import Encoded, Runner
 from sluice.runners.loading import DTYPES, resolve_model_path, setup_torch
@@ -25,7 +27,7 @@ from sluice.runners.loading import DTYPES, resolve_model_path, setup_torch
 log = logging.getLogger(__name__)
 
 ENCODINGS = ("float", "base64")
-PARAMS = frozenset({"encoding"})
+PARAMS = frozenset({"encoding", "truncate"})
 
 
 class EmbedRunner(Runner):
@@ -54,17 +56,37 @@ class EmbedRunner(Runner):
             except SluiceError as err:
                 checked.append(err)
         valid = [c for c in checked if isinstance(c, Encoded)]
-        if valid:
-            ids = self.tokenizer(
-                [c.data for c in valid],
-                truncation=True,
-                max_length=self.max_length,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )["input_ids"]
-            for item, token_ids in zip(valid, ids, strict=True):
-                item.data, item.cost = token_ids, len(token_ids)
-        return checked
+        if not valid:
+            return checked
+        # One token past the limit tells "fits" from "too long" in the same tokenizer pass.
+        ids = self._tokenize([c.data for c in valid], self.max_length + 1)
+        too_long = [i for i, token_ids in enumerate(ids) if len(token_ids) > self.max_length]
+        cut = [i for i in too_long if valid[i].job.params.get("truncate", self.settings.truncate)]
+        if cut:
+            # Re-tokenized at the limit, so the special tokens end up where the model expects.
+            for i, token_ids in zip(cut, self._tokenize([valid[i].data for i in cut]), strict=True):
+                ids[i] = token_ids
+        refused = set(too_long) - set(cut)
+        for i, (item, token_ids) in enumerate(zip(valid, ids, strict=True)):
+            if i in refused:
+                item.data = InputTooLarge(
+                    f"input is over the model's limit of {self.max_length} tokens and "
+                    "truncate is false"
+                )
+                continue
+            item.data, item.cost = token_ids, len(token_ids)
+        return [c.data if isinstance(c, Encoded) and isinstance(c.data, SluiceError) else c
+                for c in checked]  # fmt: skip
+
+    def _tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        encoded = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=max_length or self.max_length,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        return list(encoded["input_ids"])
 
     def collate(self, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         width = max(item.cost for item in items)
@@ -107,6 +129,8 @@ def _check(job: Job) -> str:
     unknown = set(job.params) - PARAMS
     if unknown:
         raise InvalidParams(f"unknown params {sorted(unknown)}; allowed: {sorted(PARAMS)}")
+    if not isinstance(job.params.get("truncate", True), bool):
+        raise InvalidParams("params.truncate must be true or false")
     encoding = job.params.get("encoding", "float")
     if encoding not in ENCODINGS:
         raise InvalidParams(f"params.encoding must be one of {ENCODINGS}, got {encoding!r}")

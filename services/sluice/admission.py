@@ -1,0 +1,144 @@
+"""The producer's side of Redis: admitted submits (the `sluice` Function library) and cancels.
+
+A submit is one FCALL that, atomically in Redis, refuses an unregistered model, answers an id
+seen before without adding it again (idempotent), refuses a job when the model's queue is full
+(`rejected`), and otherwise XADDs the entry. The SDK, the CLI and the gateway submit through
+here; any other language can FCALL the same function (docs/protocol.md).
+
+A cancel is one `SET NX`: a `cancelled` result takes the result key if nothing took it first,
+so the job's one final result is whichever of the two came first, and a replica that pulls
+a cancelled job acks it without running it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from sluice import lua
+from sluice.errors import JobCancelled, Overloaded, UnknownModel
+from sluice.protocol import (
+    Result,
+    error_result,
+    info_key,
+    job_key,
+    jobs_key,
+    lane_keys,
+    result_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What the submit function said of one job."""
+
+    job_id: str
+    status: str  # queued | duplicate | done | rejected
+    entry_id: str | None = None
+    depth: int | None = None
+    max_depth: int | None = None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def load_library(redis: aioredis.Redis) -> None:
+    """Loads (or upgrades) the `sluice` Function library; replicas do it at start."""
+    try:
+        version: str | None = _text(await redis.fcall_ro("sluice_version", 0))
+    except ResponseError:
+        version = None  # not loaded yet
+    if version != lua.LIBRARY_VERSION:
+        await redis.function_load(lua.LIBRARY, replace=True)
+        log.info("loaded the sluice function library v%s", lua.LIBRARY_VERSION)
+
+
+def _submit_keys(model: str, priority: str, job_id: str) -> list[str]:
+    return [
+        jobs_key(model, priority),
+        *lane_keys(model),
+        info_key(model),
+        job_key(model, job_id),
+        result_key(model, job_id),
+    ]
+
+
+async def submit(
+    redis: aioredis.Redis,
+    model: str,
+    jobs: Sequence[tuple[str, Mapping[str, str]]],
+    priority: str = "normal",
+) -> list[Admitted]:
+    """Submits `(id, fields)` pairs through admission, in one round trip."""
+    replies = await _fcall_all(redis, model, jobs, priority)
+    if replies and isinstance(replies[0], ResponseError) and "not found" in str(replies[0]):
+        # A Redis that restarted empty: load the library and try once more.
+        await load_library(redis)
+        replies = await _fcall_all(redis, model, jobs, priority)
+    out = []
+    for (job_id, _), reply in zip(jobs, replies, strict=True):
+        if isinstance(reply, Exception):
+            raise reply
+        status = _text(reply[0])
+        if status == "unknown_model":
+            raise UnknownModel(
+                f"no model {model!r} is registered in this Redis (a replica registers its "
+                "model when it starts; `sluice status` lists them)",
+                job_id=job_id,
+            )
+        if status == "rejected":
+            depth, limit = int(reply[1]), int(reply[2])
+            out.append(Admitted(job_id, status, depth=depth, max_depth=limit))
+        else:
+            out.append(Admitted(job_id, status, _text(reply[1]) if len(reply) > 1 else None))
+    return out
+
+
+async def _fcall_all(
+    redis: aioredis.Redis,
+    model: str,
+    jobs: Sequence[tuple[str, Mapping[str, str]]],
+    priority: str,
+) -> list[Any]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id, fields in jobs:
+            keys = _submit_keys(model, priority, job_id)
+            args = [x for kv in fields.items() for x in kv]
+            pipe.fcall("sluice_submit", len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    return replies
+
+
+def raise_if_rejected(model: str, admitted: Sequence[Admitted]) -> None:
+    """`Overloaded` naming what was queued and what was not, if any job was refused."""
+    refused = [a for a in admitted if a.status == "rejected"]
+    if not refused:
+        return
+    first = refused[0]
+    raise Overloaded(
+        f"{model}: {len(refused)} of {len(admitted)} jobs rejected, the queue holds "
+        f"{first.depth} jobs (max_queue_depth {first.max_depth}); retry later",
+        job_id=first.job_id,
+        accepted=[a.job_id for a in admitted if a.status != "rejected"],
+        rejected=[a.job_id for a in refused],
+    )
+
+
+async def cancel(redis: aioredis.Redis, model: str, job_id: str, ttl_s: int) -> Result:
+    """Cancels a job unless it has a final result already; returns its final result.
+
+    An id with no job yet is cancelled all the same: when it arrives it is answered
+    `cancelled` without running (so a cancel racing its own submit still wins)."""
+    cancelled = error_result(model, job_id, JobCancelled("cancelled by request"))
+    previous: Any = await redis.set(
+        result_key(model, job_id), cancelled.to_json(), nx=True, ex=ttl_s, get=True
+    )
+    return cancelled if previous is None else Result.from_json(previous)
