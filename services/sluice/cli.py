@@ -1,4 +1,4 @@
-"""The `sluice` command: up, submit, status, demo. `sluice COMMAND --help` for each."""
+"""The `sluice` command: up, demo, submit, cancel, status, dlq. `sluice COMMAND --help` for each."""
 
 from __future__ import annotations
 
@@ -14,10 +14,21 @@ from typing import Any
 import numpy as np
 import redis
 
+from sluice import dlq
 from sluice.client import Client
 from sluice.errors import SluiceError
-from sluice.protocol import GROUP, dead_key, decode_embedding, jobs_key
+from sluice.protocol import (
+    GROUP,
+    MODELS_KEY,
+    PRIORITIES,
+    dead_key,
+    decode_embedding,
+    info_key,
+    jobs_key,
+)
 from sluice.settings import Settings
+
+URL_HELP = "default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0"
 
 DEFAULT_CONFIG = "deployments/local.yaml"
 DEMO_SENTENCES = [
@@ -69,18 +80,59 @@ def _parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit texts to a model and print the results")
     submit.add_argument("model", help="model name, e.g. minilm")
     submit.add_argument("texts", nargs="+", metavar="TEXT", help="one job per text")
-    submit.add_argument("--redis-url", help="default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0")
+    submit.add_argument("--redis-url", help=URL_HELP)
+    submit.add_argument("--priority", choices=PRIORITIES, default="normal", help="lane (normal)")
+    submit.add_argument(
+        "--deadline-s", type=float, default=None, help="not started within this, it expires"
+    )
     submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
     submit.add_argument("--no-wait", action="store_true", help="print the ids and return")
     submit.add_argument("--json", action="store_true", help="print each result as raw JSON")
     submit.set_defaults(func=cmd_submit)
 
+    cancel = sub.add_parser("cancel", help="cancel queued jobs; print each job's final status")
+    cancel.add_argument("model", help="model name")
+    cancel.add_argument("ids", nargs="+", metavar="ID", help="job ids")
+    cancel.add_argument("--redis-url", help=URL_HELP)
+    cancel.set_defaults(func=cmd_cancel)
+
     status = sub.add_parser("status", help="queue depth, pending, lag, dead letters, consumers")
     status.add_argument("models", nargs="*", metavar="MODEL", help="default: every model found")
-    status.add_argument("--redis-url", help="default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0")
+    status.add_argument("--redis-url", help=URL_HELP)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    _dlq_parser(sub)
     return parser
+
+
+def _dlq_parser(sub: Any) -> None:
+    top = sub.add_parser("dlq", help="dead letters: list, show, replay, purge")
+    verbs = top.add_subparsers(required=True, metavar="ACTION")
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = verbs.add_parser(name, help=help)
+        p.add_argument("model", help="model name")
+        p.add_argument("--redis-url", help=URL_HELP)
+        return p
+
+    ls = verb("list", "the newest dead letters: id, job id, lane, deliveries, reason")
+    ls.add_argument("--count", type=int, default=50, help="how many (50)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_dlq_list)
+    show = verb("show", "every field of one dead letter")
+    show.add_argument("dead_id", metavar="DEAD_ID", help="the entry id on sluice:{M}:dead")
+    show.set_defaults(func=cmd_dlq_show)
+    for name, help, func in (
+        ("replay", "put dead letters back on their lane, to run again", cmd_dlq_replay),
+        ("purge", "delete dead letters", cmd_dlq_purge),
+    ):
+        p = verb(name, help)
+        p.add_argument("dead_ids", nargs="*", metavar="DEAD_ID", help="ids on the dead stream")
+        p.add_argument("--all", action="store_true", help="every dead letter of the model")
+        if name == "purge":
+            p.add_argument("--yes", action="store_true", help="needed with --all")
+        p.set_defaults(func=func)
 
 
 def _stack_options(p: argparse.ArgumentParser) -> None:
@@ -160,7 +212,9 @@ def _print_similarity(vectors: np.ndarray[Any, Any]) -> None:
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     with Client(args.redis_url or settings.redis_url) as client:
-        ids = client.submit_many(args.model, args.texts)
+        ids = client.submit_many(
+            args.model, args.texts, priority=args.priority, deadline_s=args.deadline_s
+        )
         if args.no_wait:
             print("\n".join(ids))
             return 0
@@ -182,11 +236,72 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    with Client(args.redis_url or settings.redis_url) as client:
+        for job_id in args.ids:
+            final = client.cancel(job_id, model=args.model)
+            note = "" if final.status == "cancelled" else " (it had finished: not cancelled)"
+            print(f"{job_id} {final.status}{note}")
+    return 0
+
+
+def _redis(args: argparse.Namespace, settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(args.redis_url or settings.redis_url)
+
+
+def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    client = _redis(args, settings)
+    rows = [e.summary() for e in dlq.list_entries(client, args.model, args.count)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    total = dlq.count(client, args.model)
+    print(f"{args.model}: {total} dead letters" + (f", newest {len(rows)}:" if rows else ""))
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["dead_at_ms"] / 1000))
+        print(f"  {row['dead_id']}  {when}  id={row['id']}  lane={row['lane']}  "
+              f"deliveries={row['deliveries']}  {row['reason']}")  # fmt: skip
+    return 0
+
+
+def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
+    entry = dlq.get(_redis(args, settings), args.model, args.dead_id)
+    if entry is None:
+        print(f"no dead letter {args.dead_id} on {dead_key(args.model)}", file=sys.stderr)
+        return 1
+    print(json.dumps({"dead_id": entry.dead_id, **entry.fields}, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _chosen(args: argparse.Namespace, client: redis.Redis) -> list[str] | None:
+    if args.all == bool(args.dead_ids):
+        raise SystemExit("name dead letter ids, or --all (not both)")
+    return dlq.all_ids(client, args.model) if args.all else list(args.dead_ids)
+
+
+def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    client = _redis(args, settings)
+    outcome = dlq.replay(client, args.model, _chosen(args, client) or [])
+    for dead_id, what in outcome.items():
+        print(f"{dead_id} {what}")
+    print(f"replayed {sum(w.startswith('replayed') for w in outcome.values())} of {len(outcome)}")
+    return 0 if all(w.startswith("replayed") for w in outcome.values()) else 1
+
+
+def cmd_dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
+    client = _redis(args, settings)
+    if args.all and not args.yes:
+        raise SystemExit(f"purge --all deletes every dead letter of {args.model}: add --yes")
+    chosen = None if args.all else _chosen(args, client)
+    print(f"purged {dlq.purge(client, args.model, chosen)} dead letters of {args.model}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     client = redis.Redis.from_url(args.redis_url or settings.redis_url, decode_responses=True)
-    models = args.models or sorted(
-        key.split("{", 1)[1].split("}", 1)[0] for key in client.scan_iter("sluice:{*}:jobs")
-    )
+    found = {key.split("{", 1)[1].split("}", 1)[0] for key in client.scan_iter("sluice:{*}:jobs")}
+    registered: Any = client.smembers(MODELS_KEY)
+    models = args.models or sorted(found | set(registered))
     report = [_safe_status(client, m) for m in models]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -197,9 +312,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if "error" in row:
             print(f"{row['model']}: cannot read its keys: {row['error']}")
             continue
+        lanes = ", ".join(f"{p} {lane['depth']}" for p, lane in row["lanes"].items())
+        note = "" if row["registered"] else " (not registered: SDK submits are refused)"
         print(
-            f"{row['model']}: depth {row['depth']}, pending {row['pending']}, lag {row['lag']}, "
-            f"dead letters {row['dead_letters']}, consumers {len(row['consumers'])}"
+            f"{row['model']}{note}: depth {row['depth']} ({lanes}), pending {row['pending']}, "
+            f"lag {row['lag']}, dead letters {row['dead_letters']}, "
+            f"consumers {len(row['consumers'])}"
         )
         for c in row["consumers"]:
             print(f"    {c['name']}: pending {c['pending']}, idle {c['idle_ms'] / 1000:.1f}s")
@@ -216,28 +334,52 @@ def _safe_status(client: redis.Redis, model: str) -> dict[str, Any]:
 
 
 def model_status(client: redis.Redis, model: str) -> dict[str, Any]:
-    """Depth, pending, lag, dead letters and consumers of one model's stream."""
-    key = jobs_key(model)
+    """Depth (jobs not yet acked), pending, lag and entries per lane; dead letters, consumers."""
     row: dict[str, Any] = {
         "model": model,
-        "depth": client.xlen(key),
-        "dead_letters": client.xlen(dead_key(model)),
+        "registered": bool(client.exists(info_key(model))),
+        "depth": 0,
         "pending": 0,
-        "lag": None,
+        "lag": 0,
+        "entries": 0,
+        "dead_letters": client.xlen(dead_key(model)),
+        "lanes": {},
         "consumers": [],
     }
-    try:
-        groups = {g["name"]: g for g in client.xinfo_groups(key)}
-    except redis.ResponseError:
-        return row
-    group = groups.get(GROUP)
-    if group is not None:
-        row["pending"], row["lag"] = group["pending"], group.get("lag")
-        row["consumers"] = [
-            {"name": c["name"], "pending": c["pending"], "idle_ms": c["idle"]}
-            for c in client.xinfo_consumers(key, GROUP)
-        ]
+    consumers: dict[str, dict[str, Any]] = {}
+    for priority in PRIORITIES:
+        lane = _lane_status(client, jobs_key(model, priority), consumers)
+        row["lanes"][priority] = lane
+        for name in ("depth", "pending", "lag", "entries"):
+            row[name] += lane[name]
+    row["consumers"] = sorted(consumers.values(), key=lambda c: str(c["name"]))
     return row
+
+
+def _lane_status(
+    client: redis.Redis, key: str, consumers: dict[str, dict[str, Any]]
+) -> dict[str, int]:
+    entries = int(client.xlen(key))
+    try:
+        groups = {_str(g["name"]): g for g in client.xinfo_groups(key)}
+    except redis.ResponseError:
+        groups = {}  # no stream yet
+    group = groups.get(GROUP)
+    if group is None:
+        return {"depth": entries, "pending": 0, "lag": entries, "entries": entries}
+    pending = int(group["pending"])
+    # Redis cannot always tell the lag (after XDEL): count every entry then, as admission does.
+    lag = entries if group.get("lag") is None else int(group["lag"])
+    for c in client.xinfo_consumers(key, GROUP):
+        name = _str(c["name"])
+        seen = consumers.setdefault(name, {"name": name, "pending": 0, "idle_ms": c["idle"]})
+        seen["pending"] += int(c["pending"])
+        seen["idle_ms"] = min(seen["idle_ms"], c["idle"])
+    return {"depth": lag + pending, "pending": pending, "lag": lag, "entries": entries}
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 if __name__ == "__main__":
