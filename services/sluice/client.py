@@ -103,6 +103,7 @@ class AsyncClient:
         self._waiters: dict[str, asyncio.Future[Result]] = {}
         self._waiting: Counter[str] = Counter()  # calls waiting on each id right now
         self._reader: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -112,9 +113,12 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Stops the reader, deletes this client's reply stream, closes the connection."""
+        self._closed = True
         if self._reader is not None:
             self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+            # redis-py can turn a cancel inside a blocking read into a connection error, which
+            # the reader would retry: the flag ends it at its next turn (block is 1 s) anyway.
+            await asyncio.wait([self._reader], timeout=5)
         try:
             await self.redis.delete(self.reply_stream)
         except (RedisError, OSError):
@@ -293,12 +297,14 @@ class AsyncClient:
 
     async def _read_replies(self) -> None:
         last_id = "0-0"
-        while True:
+        while not self._closed:
             try:
                 reply: Any = await self.redis.xread(
                     {self.reply_stream: last_id}, count=1000, block=1000
                 )
             except (RedisError, OSError):
+                if self._closed:
+                    return
                 # The waiters' rechecks keep working from the result keys meanwhile.
                 await asyncio.sleep(0.5)
                 continue

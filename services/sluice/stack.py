@@ -14,10 +14,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import redis
 import yaml
@@ -42,10 +44,33 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
-class RedisServer:
-    """A `redis-server` child process on 127.0.0.1, for the local stack and the tests."""
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for a TLS-only redis-server: its certificate and key, and the CA that
+    clients verify it with (docs/security.md)."""
 
-    def __init__(self, port: int | None = None, *, extra_args: tuple[str, ...] = ()) -> None:
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+
+class RedisServer:
+    """A `redis-server` child process on 127.0.0.1, for the local stack and the tests.
+
+    `acl_lines` (`ACL SETUSER ...` commands, as in docs/security.md) are applied as the
+    `default` user once the server answers; `default` stays the unrestricted admin. With
+    `tls`, the server listens on TLS only (`--port 0 --tls-port N`) and its URLs are
+    `rediss://` ones that carry the CA file.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        extra_args: tuple[str, ...] = (),
+        acl_lines: Sequence[str] = (),
+        tls: TlsFiles | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError(
@@ -54,18 +79,36 @@ class RedisServer:
         self.binary = binary
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.acl_lines = tuple(acl_lines)
+        self.tls = tls
         self.dir = tempfile.mkdtemp(prefix="sluice-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The admin's URL (the `default` user)."""
+        return self.url_for()
+
+    def url_for(self, user: str | None = None, password: str | None = None) -> str:
+        """The URL of one ACL user (`default` when `user` is None)."""
+        auth = f"{quote(user, safe='')}:{quote(password or '', safe='')}@" if user else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(self.tls.ca_file)}"
+
+    def _listen_args(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return [
+            "--port", "0", "--tls-port", str(self.port),
+            "--tls-cert-file", self.tls.cert_file, "--tls-key-file", self.tls.key_file,
+            "--tls-ca-cert-file", self.tls.ca_file, "--tls-auth-clients", "no",
+        ]  # fmt: skip
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         args = [
             self.binary,
-            "--port",
-            str(self.port),
+            *self._listen_args(),
             "--bind",
             "127.0.0.1",
             "--dir",
@@ -85,10 +128,18 @@ class RedisServer:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"redis-server exited at start: {err.strip()}")
             if redis_answers(self.url, 0.2):
+                self._apply_acl()
                 return self
             time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"redis-server did not answer on port {self.port} in {timeout_s}s")
+
+    def _apply_acl(self) -> None:
+        if not self.acl_lines:
+            return
+        with redis.Redis.from_url(self.url) as admin:
+            for line in self.acl_lines:
+                admin.execute_command(*line.split())
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

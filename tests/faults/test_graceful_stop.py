@@ -1,19 +1,30 @@
-"""A graceful stop (Serve deletes or replaces the replica) finishes what it pulled."""
+"""A graceful stop (Serve deletes, scales down or replaces a replica) finishes what it pulled:
+no job lost, none answered twice."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from ray import serve
 
 from sluice.protocol import GROUP, jobs_key
-from tests.helpers import group_pending, results_of, wait_all_results, wait_for, xadd_jobs
+from tests.checker import check_exactly_once
+from tests.faults.feeder import Feeder
+from tests.helpers import group_pending, results_of, wait_for, xadd_jobs
 
 pytestmark = pytest.mark.integration
 
 
 def test_graceful_stop_answers_everything_it_pulled(r, deploy, model_name, tiny_bert):
     deploy(model_name, tiny_bert, max_batch_size=8, prefetch_batches=4)
-    ids = xadd_jobs(r, model_name, [f"text {i} " + "pad " * (i % 60) for i in range(3000)])
+    reply = f"sluice:reply:{model_name}"
+    ids = xadd_jobs(
+        r,
+        model_name,
+        [f"text {i} " + "pad " * (i % 60) for i in range(3000)],
+        reply_to=reply,
+    )
     wait_for(
         lambda: any(v is not None for v in results_of(r, model_name, ids[:200]).values()),
         60,
@@ -30,5 +41,49 @@ def test_graceful_stop_answers_everything_it_pulled(r, deploy, model_name, tiny_
 
     # The rest is served by the next replica, each job once.
     deploy(model_name, tiny_bert, max_batch_size=64)
-    results = wait_all_results(r, model_name, ids, timeout_s=120)
-    assert {res["status"] for res in results.values()} == {"ok"}
+    check_exactly_once(r, model_name, ids, reply_streams=[reply], expect_status="ok")
+
+
+def test_scale_down_and_redeploy_mid_run(r, deploy, model_name, tiny_bert):
+    queue = {"visibility_timeout_s": 60}  # the default: nothing here waits on a reclaim
+    deploy(model_name, tiny_bert, num_replicas=2, max_batch_size=8, prefetch_batches=4,
+           queue=queue)  # fmt: skip
+    reply = f"sluice:reply:{model_name}"
+    # Kept 300 jobs ahead of the answers, so each stop finds batches pulled and queued, and
+    # fed until both changes are over, however long Serve takes over them.
+    feeder = Feeder(r, model_name, 50_000, reply_to=reply, ahead=300).start()
+
+    # Scale down 2 -> 1: the same config, so Serve stops one replica gracefully.
+    wait_for(lambda: feeder.answered() >= 300, 60, what="the run to be under way")
+    deploy(model_name, tiny_bert, num_replicas=1, max_batch_size=8, prefetch_batches=4,
+           queue=queue)  # fmt: skip
+    wait_for(lambda: _replicas(model_name) == {"RUNNING": 1}, 60, what="the scale-down")
+    mark = feeder.answered()
+
+    # Redeploy with a changed config: Serve replaces the replica (a rolling update).
+    wait_for(lambda: feeder.answered() >= mark + 300, 60, what="progress after scale-down")
+    handle = deploy(model_name, tiny_bert, num_replicas=1, max_batch_size=16, queue=queue)
+    wait_for(lambda: _replicas(model_name) == {"RUNNING": 1}, 60, what="the old replica gone")
+    mark = feeder.answered()
+    wait_for(lambda: feeder.answered() >= mark + 300, 60, what="progress after the redeploy")
+    feeder.stop()
+    assert len(feeder.ids) < 50_000, "both changes landed mid-run"
+
+    # No crash here: every job answered once and pushed once, none dead-lettered, and
+    # (with a 60 s visibility timeout) none left to a reclaim to finish.
+    check_exactly_once(r, model_name, feeder.ids, reply_streams=[reply], expect_status="ok")
+    live = handle.info.remote().result(timeout_s=30)
+    assert live["stats"]["reclaimed"] == 0
+    # The stopped replicas drained and left the group; only the live one is in it.
+    assert _consumers(r, model_name) <= {live["consumer"]}
+
+
+def _replicas(app: str) -> dict[str, int]:
+    """The app's replicas by state (STARTING, RUNNING, STOPPING...)."""
+    deployments = serve.status().applications[app].deployments
+    states = deployments["Replica"].replica_states
+    return {getattr(k, "value", str(k)): n for k, n in states.items() if n}
+
+
+def _consumers(r: Any, model: str) -> set[str]:
+    return {c["name"].decode() for c in r.xinfo_consumers(jobs_key(model), GROUP)}

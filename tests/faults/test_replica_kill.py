@@ -1,61 +1,72 @@
-"""A replica SIGKILLed mid-run: Serve restarts it, and every job still gets exactly one result."""
+"""A replica SIGKILLed three times mid-run: Serve restarts it each time, and every job still
+gets exactly one `ok` result, with no dead letter."""
 
 from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 import pytest
 
-from tests.helpers import (
-    dead_letters,
-    group_pending,
-    results_of,
-    wait_all_results,
-    wait_for,
-    xadd_jobs,
-)
+from tests.checker import check_exactly_once
+from tests.faults.feeder import Feeder
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
+KILLS = 3
+BATCH = 8
 
-def test_sigkill_mid_run_loses_nothing(r, deploy, model_name, tiny_bert):
+
+def test_three_sigkills_mid_run_lose_nothing(r, deploy, model_name, tiny_bert):
     handle = deploy(
         model_name,
         tiny_bert,
-        max_batch_size=8,
-        queue={"visibility_timeout_s": 2, "reclaim_interval_s": 0.5},
+        max_batch_size=BATCH,
+        # A small visibility timeout, so a dead replica's entries come back within seconds.
+        # max_deliveries 10, not the default 3: a job pulled by each of the killed replicas
+        # is delivered four times, and on this 2-core box a restarted replica may also
+        # reclaim a slow live entry once more. Dead-lettering it would be the retry policy
+        # at work, not a loss, but this test's promise is every job `ok`.
+        queue={"visibility_timeout_s": 2, "reclaim_interval_s": 0.5, "max_deliveries": 10},
     )
-    reply = f"replies-{model_name}"
-    ids = xadd_jobs(
-        r, model_name, [f"job text {i} " + "pad " * (i % 40) for i in range(3000)], reply_to=reply
+    reply = f"sluice:reply:{model_name}"
+    # Kept at most 300 jobs ahead of the answers: jobs are still coming after the last kill.
+    feeder = Feeder(r, model_name, 3000, reply_to=reply, ahead=300).start()
+    pids = [handle.info.remote().result(timeout_s=30)["pid"]]
+
+    for kill in range(KILLS):
+        mark = feeder.answered()
+        # Each replica, the restarted ones too, makes progress of its own before it dies.
+        wait_for(lambda m=mark: feeder.answered() >= m + 300, 90, what=f"progress {kill}")
+        assert feeder.sent < len(feeder.ids), "kill mid-run, not after the last job was sent"
+        os.kill(pids[-1], signal.SIGKILL)
+        pids.append(wait_for(lambda: _new_pid(handle, pids), 90, what=f"replica {kill + 2}"))
+
+    feeder.join(timeout_s=120)
+    report = check_exactly_once(
+        r,
+        model_name,
+        feeder.ids,
+        reply_streams=[reply],
+        # A kill between a batch's MULTI (result + ack) and its push loses that batch's
+        # pushes, never its results: at most one batch a kill (the writer finishes one at a
+        # time). A re-run may happen; a second answer may not.
+        max_missing_pushes=KILLS * BATCH,
+        expect_status="ok",
+        timeout_s=180,
     )
-    first_pid = handle.info.remote().result()["pid"]
-    wait_for(
-        lambda: sum(v is not None for v in results_of(r, model_name, ids[:300]).values()) >= 100,
-        60,
-        what="the run to be under way",
-    )
-
-    os.kill(first_pid, signal.SIGKILL)
-
-    results = wait_all_results(r, model_name, ids, timeout_s=240)
-    assert {res["status"] for res in results.values()} == {"ok"}
-    assert dead_letters(r, model_name) == []
-    wait_for(lambda: group_pending(r, model_name) == 0, 30, what="nothing pending")
-    # Serve replaced the replica: a new process serves the stream now.
-    new_pid = wait_for(lambda: _pid_or_none(handle), 60, what="a new replica")
-    assert new_pid != first_pid
-    # The reply stream carries at most one result per id: a re-run after the crash may
-    # happen, a second answer may not (the push follows a winning SET NX only).
-    pushed = [f[b"result"] for _, f in r.xrange(reply)]
-    pushed_ids = [p.split(b'"id":"', 1)[1].split(b'"', 1)[0].decode() for p in pushed]
-    assert len(pushed_ids) == len(set(pushed_ids))
-    assert len(pushed_ids) >= len(ids) - 8 * 2  # at most the batches caught mid-write
+    assert report.ok == 3000 and not report.dead and not report.dead_without_id
+    assert len(set(pids)) == KILLS + 1, pids
+    # The last kill caught entries in flight: the replica that followed reclaimed them.
+    assert handle.info.remote().result(timeout_s=30)["stats"]["reclaimed"] > 0
 
 
-def _pid_or_none(handle):  # type: ignore[no-untyped-def]
+def _new_pid(handle: Any, old: list[int]) -> int | None:
+    """The pid of the replica serving now, once it is one none of `old`."""
     try:
-        return handle.info.remote().result(timeout_s=5)["pid"]
-    except Exception:
+        pid = int(handle.info.remote().result(timeout_s=5)["pid"])
+    except Exception:  # the killed actor, until Serve notices it is gone
         return None
+    return None if pid in old else pid

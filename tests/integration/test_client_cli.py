@@ -26,9 +26,9 @@ from tests.helpers import wait_for, xadd_jobs
 pytestmark = pytest.mark.integration
 
 
-def test_client_submit_and_results(deploy, model_name, tiny_bert, redis_url):
+def test_client_submit_and_results(deploy, model_name, tiny_bert, producer_url):
     deploy(model_name, tiny_bert)
-    with Client(redis_url) as client:
+    with Client(producer_url) as client:
         one = client.submit(model_name, "hello world")
         many = client.submit_many(model_name, [f"text {i}" for i in range(50)])
         b64 = client.submit(model_name, {"text": "hello world"}, params={"encoding": "base64"})
@@ -42,9 +42,9 @@ def test_client_submit_and_results(deploy, model_name, tiny_bert, redis_url):
         )
 
 
-def test_client_raises_typed_errors(r, deploy, model_name, tiny_bert, redis_url):
+def test_client_raises_typed_errors(r, deploy, model_name, tiny_bert, producer_url):
     deploy(model_name, tiny_bert)
-    with Client(redis_url) as client:
+    with Client(producer_url) as client:
         with pytest.raises(InvalidInput) as bad:
             client.result(client.submit(model_name, {"text": 7}))
         assert bad.value.code == "invalid_input"
@@ -57,18 +57,18 @@ def test_client_raises_typed_errors(r, deploy, model_name, tiny_bert, redis_url)
             client.submit("nobody-serves-this", "x")
     assert not r.exists(jobs_key("nobody-serves-this"))
     # A raw producer can queue it anyway: the wait ends with a clear timeout, not a hang.
-    with Client(redis_url, admission=False) as raw:
+    with Client(producer_url, admission=False) as raw:
         with pytest.raises(ResultTimeout):
             raw.result(raw.submit("nobody-serves-this", "x"), timeout=0.5)
 
 
 def test_async_client_waits_without_polling_and_rechecks_keys(
-    r, deploy, model_name, tiny_bert, redis_url
+    r, deploy, model_name, tiny_bert, producer_url
 ):
     deploy(model_name, tiny_bert)
 
     async def scenario() -> None:
-        async with AsyncClient(redis_url, recheck_s=0.2) as client:
+        async with AsyncClient(producer_url, recheck_s=0.2) as client:
             ids = await client.submit_many(model_name, [f"a {i}" for i in range(20)])
             results = await asyncio.gather(*(client.result(i, timeout=30) for i in ids))
             assert [x.id for x in results] == ids
@@ -80,11 +80,11 @@ def test_async_client_waits_without_polling_and_rechecks_keys(
     asyncio.run(scenario())
 
 
-def test_waiting_twice_or_concurrently_on_one_id(deploy, model_name, tiny_bert, redis_url):
+def test_waiting_twice_or_concurrently_on_one_id(deploy, model_name, tiny_bert, producer_url):
     deploy(model_name, tiny_bert)
 
     async def scenario() -> None:
-        async with AsyncClient(redis_url, recheck_s=30) as client:
+        async with AsyncClient(producer_url, recheck_s=30) as client:
             job = await client.submit(model_name, "shared")
             impatient = asyncio.create_task(client.result(job, timeout=0.001))
             patient = asyncio.create_task(client.result(job, timeout=20))
@@ -105,20 +105,20 @@ def sluice(*args: str, url: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_cli_submit_and_status(r, deploy, model_name, tiny_bert, redis_url):
+def test_cli_submit_and_status(r, deploy, model_name, tiny_bert, producer_url, admin_url):
     deploy(model_name, tiny_bert)
-    out = sluice("submit", model_name, "hello", "world", url=redis_url)
+    out = sluice("submit", model_name, "hello", "world", url=producer_url)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2 and all(" ok dim=32 " in line for line in lines)
 
-    out = sluice("submit", "--json", model_name, "hello", url=redis_url)
+    out = sluice("submit", "--json", model_name, "hello", url=producer_url)
     assert orjson.loads(out.stdout)["status"] == "ok"
 
     r.xadd(jobs_key(model_name), {"input": "{}"})  # a dead letter, for status to count
 
     def status_row() -> dict | None:
-        (row,) = orjson.loads(sluice("status", "--json", model_name, url=redis_url).stdout)
+        (row,) = orjson.loads(sluice("status", "--json", model_name, url=admin_url).stdout)
         return row if row["dead_letters"] == 1 else None
 
     row = wait_for(status_row, 30, 0.5, "status to count the dead letter")
@@ -126,7 +126,7 @@ def test_cli_submit_and_status(r, deploy, model_name, tiny_bert, redis_url):
     assert row["depth"] == 0 and row["pending"] == 0  # all four entries answered and acked
     assert row["entries"] == row["lanes"]["normal"]["entries"] <= 4  # trimming may have begun
     assert [c["pending"] for c in row["consumers"]] == [0]
-    assert sluice("status", url=redis_url).returncode == 0
+    assert sluice("status", url=admin_url).returncode == 0
     assert r.exists(result_key(model_name, lines[0].split()[0]))
 
 

@@ -61,7 +61,7 @@ def test_jobs_queued_before_any_replica_are_served(r, deploy, model_name, tiny_b
 
 def test_base64_encoding_and_reply_to(r, deploy, model_name, tiny_bert):
     deploy(model_name, tiny_bert)
-    reply = f"replies-{model_name}"
+    reply = f"sluice:reply:{model_name}"
     ids = xadd_jobs(r, model_name, ["a", "b"], params='{"encoding":"base64"}', reply_to=reply)
 
     results = wait_all_results(r, model_name, ids)

@@ -53,6 +53,7 @@ REQUIRED = {
     "xadd-no-id": "XADD of an entry with no id",
     "xrange-dead": "XRANGE of the dead stream showing the entry's reason",
     "xinfo-groups": "XINFO GROUPS on the jobs stream",
+    "fcall-submit": "FCALL sluice_submit of a plain job, answered `queued`",
 }
 
 
@@ -128,7 +129,7 @@ def expect_for(fields: dict[str, str]) -> Expect:
     if set(job_input) != {"text"} or not isinstance(job_input["text"], str):
         return Expect("error", "invalid_input")
     encoding = params.get("encoding", "float")
-    if set(params) - {"encoding"} or encoding not in ("float", "base64"):
+    if set(params) - {"encoding", "truncate"} or encoding not in ("float", "base64"):
         return Expect("error", "invalid_params")
     return Expect("ok", encoding=encoding)
 
@@ -165,6 +166,27 @@ def xadd_kinds(fields: dict[str, str], expect: Expect) -> set[str]:
     return kinds
 
 
+def fcall_fields(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(keys, fields) of an `FCALL sluice_submit <numkeys> key... field value ...`."""
+    numkeys = int(args[2])
+    keys, rest = args[3 : 3 + numkeys], args[3 + numkeys :]
+    assert len(rest) % 2 == 0, f"FCALL with an odd number of field arguments: {args}"
+    return keys, dict(zip(rest[::2], rest[1::2], strict=True))
+
+
+def submission(words: list[str]) -> tuple[dict[str, str], set[str]] | None:
+    """(fields, kinds) of a doc command that submits a job of MODEL's, else None."""
+    name, key = words[0].upper(), words[1] if len(words) > 1 else ""
+    if name == "XADD" and key == JOBS:
+        _, fields = xadd_fields(words)
+        return fields, xadd_kinds(fields, expect_for(fields))
+    if name == "FCALL" and key == "sluice_submit":
+        keys, fields = fcall_fields(words)
+        if keys and keys[0] == JOBS and "id" in fields:
+            return fields, {"fcall-submit"}
+    return None
+
+
 def static_kinds(commands: list[str]) -> set[str]:
     """The example kinds the doc's commands cover, read without running anything."""
     kinds: set[str] = set()
@@ -173,12 +195,11 @@ def static_kinds(commands: list[str]) -> set[str]:
     for line in commands:
         _, words = split_command(line)
         name, key = words[0].upper(), words[1] if len(words) > 1 else ""
-        if name == "XADD" and key == JOBS:
-            _, fields = xadd_fields(words)
-            expect = expect_for(fields)
-            kinds |= xadd_kinds(fields, expect)
+        if (sub := submission(words)) is not None:
+            fields, new = sub
+            kinds |= new
             if "id" in fields:
-                submitted[fields["id"]] = expect
+                submitted[fields["id"]] = expect_for(fields)
             if "reply_to" in fields:
                 reply_streams.add(fields["reply_to"])
         elif name == "GET" and key.startswith(RESULT_PREFIX):
@@ -265,6 +286,20 @@ class DocRun:
         self.jobs[job_id] = expect
         if "reply_to" in fields:
             self.reply_streams.setdefault(fields["reply_to"], []).append(job_id)
+
+    def _fcall(self, words: list[str], line: str) -> None:
+        out = self.cli(line)
+        if words[1] != "sluice_submit":
+            return
+        keys, fields = fcall_fields(words)
+        assert keys[0] in (JOBS, f"{JOBS}:high", f"{JOBS}:low"), f"{line}: not a lane of {MODEL}"
+        assert out[:1] == ["queued"] and ENTRY_ID_RE.match(out[1]), f"{line}\n-> {out}"
+        job_id = fields["id"]
+        assert job_id not in self.jobs, f"the doc reuses job id {job_id}: {line}"
+        self.jobs[job_id] = expect_for(fields)
+        self.seen.add("fcall-submit")
+        again = self.cli(line)  # the same id again: one job
+        assert again == ["duplicate", out[1]] or again == ["done"], f"{line} twice -> {again}"
 
     def _get(self, words: list[str], line: str) -> None:
         key = words[1]
