@@ -204,13 +204,14 @@ class StreamQueue:
         values: Any = await self.redis.mget([result_key(self.model, i) for i in job_ids])
         return list(values)
 
-    async def finish(self, outcomes: Sequence[Outcome]) -> int:
+    async def finish(self, outcomes: Sequence[Outcome], since_ms: float | None = None) -> int:
         """Stores each result once (SET NX, first writer wins) and acks, in one MULTI.
 
         Then pushes to `reply_to` exactly what the job's one result is, once per entry:
         this call's result when it won; the stored one when another writer won but this
         entry was still unanswered (a cancel, or the same id queued twice); nothing for a
         duplicate run of an entry that was answered already. Returns how many it stored.
+        `since_ms`: when the first attempt of this write began, for a retry (see PUSH_REPLY).
         """
         if not outcomes:
             return 0
@@ -222,7 +223,9 @@ class StreamQueue:
             replies = await tx.execute()
         won = replies[0::2]
         acked = replies[1::2]
-        pushes = [(o.reply_to, o.result_json) for o, ok in zip(outcomes, won, strict=True) if ok]
+        pushes = [
+            (o.reply_to, o.result_json, "") for o, ok in zip(outcomes, won, strict=True) if ok
+        ]
         lost = [(o, ack) for o, ok, ack in zip(outcomes, won, acked, strict=True) if not ok]
         stored = len(pushes)
         if lost:
@@ -232,24 +235,25 @@ class StreamQueue:
                 if value is None:
                     continue  # the result expired already: nothing to say
                 if value == o.result_json:
-                    # This very write, retried after its EXEC reply was lost: the push is owed.
+                    # This very write, retried after Redis failed mid-way: the push is owed,
+                    # unless the failed attempt got as far as pushing (look back from then).
                     stored += 1
-                    pushes.append((o.reply_to, value))
+                    pushes.append((o.reply_to, value, _look_back_id(since_ms)))
                 elif ack:
-                    pushes.append((o.reply_to, value))
+                    pushes.append((o.reply_to, value, ""))
         await self._push_replies(pushes)
         return stored
 
-    async def _push_replies(self, owed: Sequence[tuple[str | None, bytes]]) -> None:
-        pushes = [(reply_to, body) for reply_to, body in owed if reply_to]
+    async def _push_replies(self, owed: Sequence[tuple[str | None, bytes, str]]) -> None:
+        pushes = [(reply_to, body, since) for reply_to, body, since in owed if reply_to]
         if not pushes:
             return
         limits = (self.settings.reply_maxlen, self.settings.reply_ttl_s)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for reply_to, body in pushes:
-                await self._push_reply(keys=[reply_to], args=[body, *limits], client=pipe)
+            for reply_to, body, since in pushes:
+                await self._push_reply(keys=[reply_to], args=[body, *limits, since], client=pipe)
             results = await pipe.execute(raise_on_error=False)
-        for (reply_to, _), res in zip(pushes, results, strict=True):
+        for (reply_to, _, _), res in zip(pushes, results, strict=True):
             if res == 0 or isinstance(res, Exception):
                 # The result is stored and acked either way: a bad reply_to costs only the push.
                 log.warning("no reply pushed to %r: %s", reply_to, res or "not a stream")
@@ -279,7 +283,7 @@ class StreamQueue:
                 )
             replies = await pipe.execute()
         stored = [
-            (d.outcome.reply_to, d.outcome.result_json)
+            (d.outcome.reply_to, d.outcome.result_json, "")
             for d, r in zip(letters, replies, strict=True)
             if r == 2 and d.outcome
         ]
@@ -320,3 +324,11 @@ class StreamQueue:
             for key in self.lanes:
                 with contextlib.suppress(ResponseError):
                     await self.redis.xgroup_delconsumer(key, GROUP, self.consumer)
+
+
+def _look_back_id(since_ms: float | None) -> str:
+    """Where a retried push looks for an earlier attempt's entry: from a minute before that
+    attempt began (reply entry ids are Redis's clock, the attempt's time is ours)."""
+    if since_ms is None:
+        return "0-0"
+    return f"{max(0, int(since_ms) - 60_000)}-0"

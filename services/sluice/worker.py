@@ -408,11 +408,14 @@ class Worker:
         write Redis keeps refusing (WRONGTYPE, READONLY...) is given up after a few tries:
         its entries stay pending, unacked, and are reclaimed later, never lost."""
         backoff, refusals = Backoff(), 0
+        first_ms: float | None = None  # set once an attempt failed: later ones are retries
+        started_ms = time.time() * 1000
         while True:
             try:
-                await self._write(item)
+                await self._write(item, first_ms)
                 return
             except ResponseError as exc:
+                first_ms = first_ms or started_ms
                 refusals += 1
                 self.stats.redis_errors += 1
                 if refusals >= 3:
@@ -421,17 +424,18 @@ class Worker:
                     return
                 await backoff.sleep()
             except (RedisError, OSError) as exc:
+                first_ms = first_ms or started_ms
                 self.stats.redis_errors += 1
                 log.warning("redis unavailable while writing (%r); retrying", exc)
                 await backoff.sleep()
 
-    async def _write(self, item: list[Outcome] | list[DeadLetter]) -> None:
+    async def _write(self, item: list[Outcome] | list[DeadLetter], since_ms: float | None) -> None:
         if item and isinstance(item[0], DeadLetter):
             letters = [d for d in item if isinstance(d, DeadLetter)]
             self.stats.dead_letters += await self.queue.dead_letter(letters)
             return
         outcomes = [o for o in item if isinstance(o, Outcome)]
-        stored = await self.queue.finish(outcomes)
+        stored = await self.queue.finish(outcomes, since_ms)
         self.stats.duplicates += len(outcomes) - stored
         for o in outcomes:
             if o.status == "ok":

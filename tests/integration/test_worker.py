@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -196,6 +197,10 @@ def test_a_retried_finish_still_pushes_the_reply_once(redis_url, model_name):
         await r.xack(jobs_key(model_name), GROUP, entry.entry_id)
 
         assert await q.finish([outcome]) == 1
+        assert await r.xlen(reply) == 1
+        # Redis failed after that push ran but before its reply came back: the write is
+        # retried (since_ms: when the first attempt began), and the push is not repeated.
+        assert await q.finish([outcome], since_ms=time.time() * 1000) == 1
         assert await r.xlen(reply) == 1
         # A duplicate *run* (different bytes) neither stores nor pushes.
         rerun = Outcome(entry.entry_id, "f1", b'{"id":"f1","status":"ok","x":1}', reply)
