@@ -40,11 +40,9 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shlex
 import signal
 import statistics as st
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +57,7 @@ import yaml
 from tqdm import tqdm
 
 from loadtest.corpus import sentences
+from loadtest.report import machine_info
 from sluice import admission
 from sluice.protocol import (
     GROUP,
@@ -176,7 +175,7 @@ def sluice_drain(
             keys = admission.submit_keys(model, "normal", job_id)
             pipe.fcall("sluice_submit", len(keys), *keys, *itertools.chain(*fields.items()))
         else:
-            pipe.xadd(key, fields)  # type: ignore[arg-type]
+            pipe.xadd(key, dict[Any, Any](fields))
     t0 = time.perf_counter()
     replies = pipe.execute()
     burst = time.perf_counter() - t0
@@ -227,7 +226,7 @@ def sluice_single(r: redis.Redis, model: str, texts: list[str], tag: str, bar: B
         fields = encode_job_fields(f"{tag}-{i}", {"text": text}, reply_to=reply)
         time.sleep(IDLE_S)  # the replica settles back into its blocking XREADGROUP
         t0 = time.perf_counter()
-        r.xadd(jobs_key(model), fields)
+        r.xadd(jobs_key(model), dict[Any, Any](fields))
         got: Any = r.xread({reply: last}, count=1, block=30_000)
         lat.append(1000 * (time.perf_counter() - t0))
         if not got:
@@ -261,29 +260,15 @@ def serve_config(ns: argparse.Namespace) -> Json:
 def machine(app: str) -> Json:
     """CPU, versions, commit, and the replica's pid and niceness (Ray's workers: 15)."""
     import ray
-    import torch
     import transformers
     from ray import serve
 
     pid = serve.get_app_handle(app).info.remote().result()["pid"]
     nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines())}
-    flags = set(cpu.get("flags", "").split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
-    head, dirty = (
-        subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True, text=True).stdout
-        for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain"])
-    )
     return {
-        "cpu": cpu.get("model name", platform.processor()),
-        "cpu_flags": sorted(flags),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
+        **machine_info(),
         "transformers": transformers.__version__,
         "ray": ray.__version__,
-        "python": platform.python_version(),
-        "git": head.strip() + ("-dirty" if dirty else ""),
         "replica": {"pid": pid, "nice": nice},
         "driver_nice": os.nice(0),
     }
