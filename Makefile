@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 APT_PACKAGES := redis-server redis-tools
 
-.PHONY: install system-deps demo test test-fast bench lint format clean
+.PHONY: install system-deps demo test test-fast bench bench-compare lint format clean
 
 install: $(STAMP) system-deps
 
@@ -40,6 +40,11 @@ test-fast: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest.drain --repeats 5
+
+# Open loop, rate doubling to saturation: Sluice, the bare model and the Ray Serve async-inference peer.
+bench-compare: install
+	HF_HUB_OFFLINE=1 $(PY) -m loadtest compare --targets sluice,bare,peer --saturate --rate 40 \
+	  --max-steps 5 --duration 15 --warmup 3 --slo-ms 1000
 
 lint: install
 	$(VENV)/bin/ruff check services tests loadtest
