@@ -24,6 +24,8 @@ matplotlib.use("Agg")  # files only: no display, and safe off the main thread
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator
 
+from loadtest.stats import STAGES
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "loadtest" / "reports"
 Json = dict[str, Any]
@@ -249,6 +251,22 @@ def _plot_series(runs: Sequence[Json], folder: Path) -> list[Path]:
     return [depth, timeline]
 
 
+def _plot_stages(runs: Sequence[Json], folder: Path) -> Path:
+    """Where a job's time goes, per run: the median of each stage from the results' own
+    timings, stacked (targets without timings, the peer, have no bar)."""
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.35 * max(1, len(runs))))
+    labels = [_label(run) for run in runs]
+    left = [0.0] * len(runs)
+    for stage in STAGES:
+        widths = [float(run["stages_ms"].get(stage, {}).get("p50", 0.0)) for run in runs]
+        ax.barh(labels, widths, left=left, label=stage.removesuffix("_ms").replace("_", " "))
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.invert_yaxis()
+    ax.set(xlabel="median ms per job (from the results' timings)")
+    ax.set_title("Where the time goes: stage medians")
+    return _save(fig, ax, folder / "stages.png", "major")
+
+
 def write(folder: Path, report: Json) -> list[Path]:
     """Writes report.json, summary.md and the PNGs; returns their paths."""
     paths = [folder / "report.json", folder / "summary.md"]
@@ -258,4 +276,5 @@ def write(folder: Path, report: Json) -> list[Path]:
     paths += _plot_vs_load(runs, folder)
     paths.append(_plot_cdf(runs, folder))
     paths += _plot_series(runs, folder)
+    paths.append(_plot_stages(runs, folder))
     return paths

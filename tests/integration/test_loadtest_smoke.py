@@ -20,6 +20,7 @@ FILES = (
     "latency_cdf.png",
     "queue_depth.png",
     "timeline.png",
+    "stages.png",
 )
 
 
