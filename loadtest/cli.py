@@ -8,9 +8,9 @@
 
 Without `--redis-url` it starts the embedded local stack itself (`sluice up`'s `LocalStack`:
 redis-server on a free port, local Ray, the first app of deployments/local.yaml with the model
-options given here), as `loadtest.drain` does; with it, it drives the deployment already
-serving `--model` there. Each command writes one report folder (report.py). Method: see
-openloop.py (scheduling, coordinated omission) and stats.py (what counts where).
+options given here; loadtest/stack.py, shared with `loadtest.drain`); with it, it drives the
+deployment already serving `--model` there. Each command writes one report folder (report.py).
+Method: see openloop.py (scheduling, coordinated omission) and stats.py (what counts where).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def sluice_url(ns: argparse.Namespace) -> Iterator[tuple[str, str]]:
     if ns.redis_url:
         yield ns.redis_url, ns.model or "minilm"
         return
-    from loadtest.drain import local_stack, serve_config
+    from loadtest.stack import local_stack, serve_config
 
     config = serve_config(ns)
     model = config["applications"][0]["args"]["model"]

@@ -41,23 +41,18 @@ import itertools
 import json
 import os
 import shlex
-import signal
 import statistics as st
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
 import redis
-import yaml
 from tqdm import tqdm
 
 from loadtest.corpus import sentences
-from loadtest.report import machine_info
+from loadtest.stack import local_stack, machine, serve_config
 from sluice import admission
 from sluice.protocol import (
     GROUP,
@@ -70,7 +65,6 @@ from sluice.protocol import (
 )
 from sluice.runners.base import Encoded
 from sluice.settings import ModelSettings
-from sluice.stack import LocalStack, free_port
 
 if TYPE_CHECKING:
     from sluice.runners.embed import EmbedRunner
@@ -116,32 +110,6 @@ def bare_single(runner: EmbedRunner, texts: list[str], bar: Bar) -> list[float]:
         out.append(1000 * (time.perf_counter() - t0))
         bar.update(1)
     return out
-
-
-@contextmanager
-def local_stack(config: Json, niceness: int | None) -> Iterator[str]:
-    """`sluice up`'s own `LocalStack` (redis-server, Ray, Serve) with `config`, RUNNING; torn
-    down on any exit, Ctrl-C and SIGTERM included (a second Ctrl-C cannot cut the teardown)."""
-    if niceness is not None:
-        os.environ["RAY_worker_niceness"] = str(niceness)  # Ray's default is 15
-
-    def on_term(*_: object) -> None:
-        raise SystemExit(143)
-
-    term, on_int = signal.signal(signal.SIGTERM, on_term), signal.getsignal(signal.SIGINT)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="drain-") as fh:
-        yaml.safe_dump(config, fh)
-        stack = LocalStack(fh.name, redis_url=f"redis://127.0.0.1:{free_port()}/0", num_cpus=2)
-        try:
-            stack.__enter__()  # closes what it started if it fails
-            signal.signal(signal.SIGTERM, on_term)  # again: ray.init put its own (abort)
-            yield stack.redis_url
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
-            stack.close()
-            signal.signal(signal.SIGTERM, term)
-            signal.signal(signal.SIGINT, on_int)
 
 
 def wait_drained(r: redis.Redis, key: str, last_id: str, n: int, bar: Bar) -> None:
@@ -242,35 +210,6 @@ def sluice_single(r: redis.Redis, model: str, texts: list[str], tag: str, bar: B
     parts = {"pull": [s[0] for s in split], "prep": [s[1] for s in split], "after": rest}
     return {"latencies_ms": lat, "p50_ms": st.median(lat)} | {
         f"{k}_p50_ms": st.median(v) for k, v in parts.items()
-    }
-
-
-def serve_config(ns: argparse.Namespace) -> Json:
-    """The Serve config file with only its first app, its model settings from the options."""
-    config = yaml.safe_load(ns.config.read_text())
-    app = config["applications"][0]
-    app.setdefault("args", {})["model"] = {
-        **(app["args"].get("model") or {}),
-        **dict(model_path=ns.model_path, max_batch_size=ns.batch_size),
-        **dict(torch_threads=ns.threads, dtype=ns.dtype),
-    }
-    return {**config, "applications": [app]}
-
-
-def machine(app: str) -> Json:
-    """CPU, versions, commit, and the replica's pid and niceness (Ray's workers: 15)."""
-    import ray
-    import transformers
-    from ray import serve
-
-    pid = serve.get_app_handle(app).info.remote().result()["pid"]
-    nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-    return {
-        **machine_info(),
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "replica": {"pid": pid, "nice": nice},
-        "driver_nice": os.nice(0),
     }
 
 
