@@ -104,11 +104,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         how.add_argument(
             "--saturate",
             action="store_true",
-            help="double --rate until goodput stops growing or p99 > --slo-ms",
+            help="double --rate until goodput stops growing or p99 > --slo-ms, then bisect",
         )
         how.add_argument("--concurrency", type=_ints, help="closed loops, e.g. 1,4,16")
         sp.add_argument("--rate", type=float, default=25.0, help="--saturate: first rate (25)")
-        sp.add_argument("--max-steps", type=int, default=8, help="--saturate: at most (8)")
+        sp.add_argument("--max-steps", type=int, default=8, help="--saturate: doublings (8)")
+        sp.add_argument(
+            "--refine", type=int, default=2, help="--saturate: bisections after doubling (2)"
+        )
     for sp in (run, sweep, compare):
         _common(sp)
     ns = p.parse_args(argv)
@@ -196,7 +199,7 @@ def one_open(target: Target, ns: argparse.Namespace, rate: float) -> Json:
         drain_timeout_s=ns.drain_timeout, max_group=ns.max_group,
         progress=not ns.no_progress, label=f"{rate:g}/s",
     )  # fmt: skip
-    return stats.summarize(record, ns.slo_ms)
+    return {**stats.summarize(record, ns.slo_ms), "rate": rate}
 
 
 def one_closed(target: Target, ns: argparse.Namespace, clients: int) -> Json:
@@ -207,20 +210,43 @@ def one_closed(target: Target, ns: argparse.Namespace, clients: int) -> Json:
     return stats.summarize(record, ns.slo_ms)
 
 
+def _keeps_up(run: Json, ns: argparse.Namespace) -> bool:
+    """Answers (nearly) everything offered, within the SLO at p99."""
+    p99 = run["latency_ms"].get("p99")
+    offered = run.get("offered_rate") or 0.0
+    return p99 is not None and p99 <= ns.slo_ms and run["goodput_per_s"] >= 0.95 * offered
+
+
 def saturate(target: Target, ns: argparse.Namespace) -> list[Json]:
-    """Doubles the rate until goodput stops growing (< 5% more) or p99 passes the SLO."""
+    """Doubles the rate until goodput stops growing (< 5% more) or p99 passes the SLO, then
+    bisects `--refine` times between the last rate that kept up and the first that did not:
+    doubling alone brackets the peak within a factor of two, which is too coarse for a ratio."""
     runs: list[Json] = []
     rate, best = ns.rate, 0.0
+    good: float | None = None
+    bad: float | None = None
     for _ in range(ns.max_steps):
         run = one_open(target, ns, rate)
         runs.append(run)
-        p99 = run["latency_ms"].get("p99")
-        if p99 is None or p99 > ns.slo_ms or run["goodput_per_s"] < 1.05 * best:
-            run["saturation"] = True
+        if not _keeps_up(run, ns) or run["goodput_per_s"] < 1.05 * best:
+            bad = rate
             break
-        best = max(best, run["goodput_per_s"])
+        good, best = rate, max(best, run["goodput_per_s"])
         rate *= 2
         time.sleep(1.0)
+    for _ in range(ns.refine if good is not None and bad is not None else 0):
+        assert good is not None and bad is not None
+        time.sleep(1.0)
+        rate = (good + bad) / 2
+        run = one_open(target, ns, rate)
+        runs.append(run)
+        if _keeps_up(run, ns):
+            good = rate
+        else:
+            bad = rate
+    runs.sort(key=lambda r: float(r["rate"]))
+    peak = max(runs, key=lambda r: r["throughput_per_s"])
+    peak["saturation"] = True
     return runs
 
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import queue
+import threading
+import time
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 from loadtest import arrivals
+from loadtest.cli import parse, saturate
 from loadtest.openloop import JobRecord, RunRecord
 from loadtest.stats import summarize
+from loadtest.target import Completion, Target
 
 
 def test_poisson_and_gamma_keep_the_mean_rate_and_gamma_is_burstier():
@@ -60,3 +66,66 @@ def test_stats_leave_out_the_warm_up_and_count_goodput_by_answer_time():
     assert s["batch_size"]["jobs_by_size"] == {"2": 1, "4": 2}
     assert s["stages_ms"]["compute_ms"] == {"p50": 5.0, "p99": 5.0}
     assert (s["sender"]["behind_1ms"], s["sender"]["behind_10ms"]) == (2, 1)
+
+
+class _FixedRateServer(Target):
+    """A real server of known capacity: one thread, `per_job_s` of work a job, FIFO."""
+
+    name = "fixed"
+
+    def __init__(self, per_job_s: float) -> None:
+        self.per_job_s = per_job_s
+        self.inbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[Completion] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while (job_id := self.inbox.get()) is not None:
+            time.sleep(self.per_job_s)
+            self.done.put(Completion(job_id, "ok", time.time()))
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def send(self, jobs: Sequence[tuple[str, str]]) -> list[str]:
+        for job_id, _ in jobs:
+            self.inbox.put(job_id)
+        return []
+
+    def poll(self, timeout_s: float) -> list[Completion]:
+        out = []
+        try:
+            out.append(self.done.get(timeout=timeout_s))
+            while True:
+                out.append(self.done.get_nowait())
+        except queue.Empty:
+            return out
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+
+
+def test_saturate_doubles_then_bisects_between_the_last_good_and_first_bad_rate():
+    ns = parse(
+        ["sweep", "--saturate", "--rate", "25", "--duration", "1", "--warmup", "0.2",
+         "--arrival", "constant", "--slo-ms", "400", "--refine", "2", "--no-progress"]
+    )  # fmt: skip
+    server = _FixedRateServer(per_job_s=0.01)  # at most 100 jobs/s
+    server.start()
+    try:
+        runs = saturate(server, ns)
+    finally:
+        server.stop()
+    rates = [r["rate"] for r in runs]
+    assert rates == sorted(rates), "runs come back in order of offered load"
+    doublings = [r for r in rates if r in (25, 50, 100, 200, 400)]
+    assert 400 not in doublings, "a 100/s server cannot keep up with 200/s"
+    assert len(runs) == len(doublings) + 2, rates
+    good, bad = doublings[-2], doublings[-1]
+    middle = (good + bad) / 2
+    assert middle in rates, f"first bisection between {good} and {bad}: {rates}"
+    assert {middle - (bad - good) / 4, middle + (bad - good) / 4} & set(rates), rates
+    peak = [r for r in runs if r.get("saturation")]
+    assert len(peak) == 1 and peak[0]["throughput_per_s"] == max(
+        r["throughput_per_s"] for r in runs
+    )
