@@ -115,6 +115,35 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
 
 
+SENTIMENT = {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def build_tiny_classifier(folder: Path, seed: int = 0) -> Path:
+    """A random-weight 3-label BERT classifier (labels named), MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from sluice.runners.loading import resolve_model_path
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=len(SENTIMENT),
+        initializer_range=1.0,
+        id2label=SENTIMENT, label2id={v: k for k, v in SENTIMENT.items()},
+    )  # fmt: skip
+    # Wide initial weights (initializer_range): at the default 0.02 a random model scores every
+    # text alike, and label checks could not fail.
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model_path(MINILM)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_classifier(tmp_path_factory.mktemp("tiny-classifier")))
+
+
 @pytest.fixture(scope="session")
 def ray_serve(worker_url: str) -> Iterator[None]:
     """One local Ray for the whole session (2 logical CPUs), Serve with no HTTP proxy."""
@@ -160,6 +189,7 @@ def deploy(ray_serve: None, worker_url: str) -> Iterator[Deploy]:
         **model: Any,
     ) -> Any:
         model.setdefault("torch_threads", 1)
+        model.setdefault("dtype", "fp32")  # exact outputs; the precision tests choose their own
         args = {
             "model": {"name": name, "model_path": model_path, **model},
             "queue": queue or {},

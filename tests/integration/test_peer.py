@@ -22,7 +22,7 @@ def test_peer_serves_jobs_through_celery_and_stops(ray_serve, admin_url, tiny_be
     # Celery needs broad commands (LPUSH/BRPOP on its own keys, pub/sub, KEYS...): the admin.
     target = PeerTarget(
         admin_url,
-        ModelSettings(model_path=tiny_bert),
+        ModelSettings(model_path=tiny_bert, dtype="fp32"),
         num_cpus=0.5,
         torch_threads=1,
         queue_name=f"peer-{tag}",

@@ -65,7 +65,7 @@ class ProbeRunner(EmbedRunner):
 async def running_worker(
     url: str, model: str, path: str, *, queue: dict[str, Any] | None = None, **model_kw: Any
 ) -> AsyncIterator[tuple[Worker, ProbeRunner]]:
-    model_kw = {"torch_threads": 1, "max_batch_size": 16, **model_kw}
+    model_kw = {"torch_threads": 1, "max_batch_size": 16, "dtype": "fp32", **model_kw}
     settings = ModelSettings(name=model, model_path=path, **model_kw)
     limits = QueueSettings(**{"block_ms": 100, **(queue or {})})
     runner = ProbeRunner(settings)

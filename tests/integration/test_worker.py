@@ -32,7 +32,9 @@ class PoisonRunner(EmbedRunner):
 
 
 async def start_worker(url: str, model: str, path: str, runner_cls: type = EmbedRunner) -> Worker:
-    settings = ModelSettings(name=model, model_path=path, torch_threads=1, max_batch_size=16)
+    settings = ModelSettings(
+        name=model, model_path=path, torch_threads=1, max_batch_size=16, dtype="fp32"
+    )
     runner = runner_cls(settings)
     runner.load()
     limits = QueueSettings(block_ms=100)

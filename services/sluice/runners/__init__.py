@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
+
 from sluice.runners.base import Encoded, Runner
 from sluice.settings import ModelSettings
+
+# Imported on demand, so a replica loads only its own task's module.
+RUNNERS = {
+    "embed": "sluice.runners.embed:EmbedRunner",
+    "classify": "sluice.runners.classify:ClassifyRunner",
+    "generate": "sluice.runners.generate:GenerateRunner",
+}
 
 
 def build_runner(settings: ModelSettings) -> Runner:
     """The runner for `settings.task`, not yet loaded."""
-    if settings.task == "embed":
-        from sluice.runners.embed import EmbedRunner
+    try:
+        module_name, class_name = RUNNERS[settings.task].split(":")
+    except KeyError:
+        raise ValueError(f"unknown task {settings.task!r}; known: {sorted(RUNNERS)}") from None
+    runner: type[Runner] = getattr(importlib.import_module(module_name), class_name)
+    return runner(settings)
 
-        return EmbedRunner(settings)
-    raise ValueError(f"unknown task {settings.task!r}")
 
-
-__all__ = ["Encoded", "Runner", "build_runner"]
+__all__ = ["RUNNERS", "Encoded", "Runner", "build_runner"]

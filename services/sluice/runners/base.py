@@ -8,6 +8,13 @@ A runner turns jobs into wire outputs in four steps, each called from a worker t
     finish(raw, items) -> outputs  one JSON-able output per job, in order
 
 A `SluiceError` in `encode`'s answer fails that job alone; `run` raising fails the batch.
+A *continuous* runner (generation) replaces `run`/`finish` with `admit` and `step`: jobs join
+and leave the running batch between steps, and each step reports tokens as they come
+(`ContinuousRunner`).
+
+`load` is the same for every runner: set torch up, find the weights, load the tokenizer
+(`load_assets`), then the model in the precision the settings ask for, behind the quality
+gate (precision.py): `build_model`, `probe` and `quality` are each runner's part of it.
 """
 
 from __future__ import annotations
@@ -17,8 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from sluice.errors import SluiceError
 from sluice.protocol import Job
+from sluice.runners import precision
+from sluice.runners.loading import resolve_model_path, setup_torch
 from sluice.settings import ModelSettings
 
 
@@ -35,13 +46,37 @@ class Runner(ABC):
     """A loaded model that runs batches of one task."""
 
     task: ClassVar[str]
+    continuous: ClassVar[bool] = False
+    quality_metric: ClassVar[str]  # what `quality` measures, for logs and `describe`
+    quality_floor: ClassVar[float]  # the default floor of the gate
 
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
+        self.model: torch.nn.Module | None = None
+        self.precision: precision.Precision | None = None
+
+    def load(self) -> None:
+        """Loads tokenizer and weights; called once, off the event loop."""
+        self.device = setup_torch(self.settings)
+        self.path = resolve_model_path(self.settings.model_path)
+        self.load_assets(self.path)
+        self.precision = precision.load_gated(self)
 
     @abstractmethod
-    def load(self) -> None:
-        """Loads weights and tokenizer; called once, off the event loop."""
+    def load_assets(self, path: str) -> None:
+        """Loads what is not the model (the tokenizer, config-derived limits)."""
+
+    @abstractmethod
+    def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The model from `self.path` in `dtype`, on `self.device`, in eval mode."""
+
+    @abstractmethod
+    def probe(self) -> torch.Tensor:
+        """`self.model`'s outputs on the fixed probe set (probes.py), as the gate compares them."""
+
+    @abstractmethod
+    def quality(self, reference: torch.Tensor, candidate: torch.Tensor) -> float:
+        """How close the candidate's probe outputs are to fp32's: 1.0 is identical."""
 
     @abstractmethod
     def encode(self, jobs: Sequence[Job]) -> list[Encoded | SluiceError]:
@@ -61,4 +96,7 @@ class Runner(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Facts about the loaded model, for logs and `sluice status`."""
-        return {"task": self.task, "model_path": self.settings.model_path}
+        facts: dict[str, Any] = {"task": self.task, "model_path": self.settings.model_path}
+        if self.precision is not None:
+            facts["precision"] = self.precision.describe()
+        return facts

@@ -1,106 +1,51 @@
 """Sentence embeddings: mean pooling + L2 normalisation, as sentence-transformers computes them.
 
-Inputs longer than `max_length` tokens are truncated (the model's own limit by default: for
-sentence-transformers folders, `max_seq_length` of sentence_bert_config.json, 256 for MiniLM),
-exactly as sentence-transformers does, so outputs match it for every input. With
-`truncate: false` (the model's setting, or a job's `params`) a longer input is refused
-instead, `input_too_large`, as text-embeddings-inference does by default.
+Truncation follows text.py (the model's `max_seq_length`, 256 for MiniLM), so outputs match
+sentence-transformers for every input. The quality gate's metric is the lowest cosine between
+the candidate's and fp32's embeddings of the probe set.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
-from sluice.errors import InputTooLarge, InvalidInput, InvalidParams, SluiceError
-from sluice.protocol import Job, encode_embedding
-from sluice.runners.base import Encoded, Runner
-from sluice.runners.loading import DTYPES, resolve_model_path, setup_torch
+from sluice.errors import InvalidParams
+from sluice.protocol import encode_embedding
+from sluice.runners.base import Encoded
+from sluice.runners.text import TextRunner
 
 log = logging.getLogger(__name__)
 
 ENCODINGS = ("float", "base64")
-PARAMS = frozenset({"encoding", "truncate"})
 
 
-class EmbedRunner(Runner):
+class EmbedRunner(TextRunner):
     """`{"text": str}` in, a unit-length embedding out (floats, or base64 float32)."""
 
     task: ClassVar[str] = "embed"
+    params: ClassVar[frozenset[str]] = frozenset({"encoding", "truncate"})
+    quality_metric: ClassVar[str] = "min_cosine"
+    quality_floor: ClassVar[float] = 0.99
 
-    def load(self) -> None:
-        self.device = setup_torch(self.settings)
-        path = resolve_model_path(self.settings.model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(
-            path, local_files_only=True, dtype=DTYPES[self.settings.dtype]
-        )
-        self.model = model.to(self.device).eval()
-        self.max_length = self.settings.max_length or _default_max_length(path, model.config)
-        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+    def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=dtype)
         self.dim = int(model.config.hidden_size)
-        log.info("loaded %s: dim %d, max_length %d", path, self.dim, self.max_length)
+        loaded: torch.nn.Module = model.to(self.device).eval()
+        return loaded
 
-    def encode(self, jobs: Sequence[Job]) -> list[Encoded | SluiceError]:
-        checked: list[Encoded | SluiceError] = []
-        for job in jobs:
-            try:
-                checked.append(Encoded(job, 0, _check(job)))
-            except SluiceError as err:
-                checked.append(err)
-        valid = [c for c in checked if isinstance(c, Encoded)]
-        if not valid:
-            return checked
-        # One token past the limit tells "fits" from "too long" in the same tokenizer pass.
-        ids = self._tokenize([c.data for c in valid], self.max_length + 1)
-        too_long = [i for i, token_ids in enumerate(ids) if len(token_ids) > self.max_length]
-        cut = [i for i in too_long if valid[i].job.params.get("truncate", self.settings.truncate)]
-        if cut:
-            # Re-tokenized at the limit, so the special tokens end up where the model expects.
-            for i, token_ids in zip(cut, self._tokenize([valid[i].data for i in cut]), strict=True):
-                ids[i] = token_ids
-        refused = set(too_long) - set(cut)
-        for i, (item, token_ids) in enumerate(zip(valid, ids, strict=True)):
-            if i in refused:
-                item.data = InputTooLarge(
-                    f"input is over the model's limit of {self.max_length} tokens and "
-                    "truncate is false"
-                )
-                continue
-            item.data, item.cost = token_ids, len(token_ids)
-        return [c.data if isinstance(c, Encoded) and isinstance(c.data, SluiceError) else c
-                for c in checked]  # fmt: skip
-
-    def _tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
-        encoded = self.tokenizer(
-            texts,
-            truncation=True,
-            max_length=max_length or self.max_length,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )
-        return list(encoded["input_ids"])
-
-    def collate(self, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-        width = max(item.cost for item in items)
-        input_ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(items), width), dtype=np.int64)
-        for row, item in enumerate(items):
-            input_ids[row, : item.cost] = item.data
-            mask[row, : item.cost] = 1
-        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
-        if self.device.type == "cuda":
-            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
-        return batch
+    def check_params(self, params: dict[str, Any]) -> None:
+        encoding = params.get("encoding", "float")
+        if encoding not in ENCODINGS:
+            raise InvalidParams(f"params.encoding must be one of {ENCODINGS}, got {encoding!r}")
 
     def run(self, prepared: dict[str, torch.Tensor]) -> np.ndarray[Any, Any]:
+        assert self.model is not None, "load() first"
         with torch.inference_mode():
             hidden = self.model(**prepared).last_hidden_state
             mask = prepared["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -115,33 +60,9 @@ class EmbedRunner(Runner):
             for row, item in enumerate(items)
         ]
 
+    def quality(self, reference: torch.Tensor, candidate: torch.Tensor) -> float:
+        # Both are unit vectors, so the row-wise dot product is the cosine.
+        return float((reference.float() * candidate.float()).sum(dim=1).min())
+
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "dim": self.dim, "max_length": self.max_length}
-
-
-def _check(job: Job) -> str:
-    text = job.input.get("text")
-    if not isinstance(text, str):
-        raise InvalidInput(f"input.text must be a string, got {type(text).__name__}")
-    extra = set(job.input) - {"text"}
-    if extra:
-        raise InvalidInput(f"unknown input fields {sorted(extra)}; embeddings take only `text`")
-    unknown = set(job.params) - PARAMS
-    if unknown:
-        raise InvalidParams(f"unknown params {sorted(unknown)}; allowed: {sorted(PARAMS)}")
-    if not isinstance(job.params.get("truncate", True), bool):
-        raise InvalidParams("params.truncate must be true or false")
-    encoding = job.params.get("encoding", "float")
-    if encoding not in ENCODINGS:
-        raise InvalidParams(f"params.encoding must be one of {ENCODINGS}, got {encoding!r}")
-    return text
-
-
-def _default_max_length(path: str, config: Any) -> int:
-    limit = int(getattr(config, "max_position_embeddings", 512))
-    st_config = Path(path) / "sentence_bert_config.json"
-    if st_config.is_file():
-        declared = json.loads(st_config.read_text()).get("max_seq_length")
-        if isinstance(declared, int) and declared > 0:
-            return min(declared, limit)
-    return limit
+        return {**super().describe(), "dim": self.dim}

@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 
 import torch
+import transformers
 
 from sluice.settings import ModelSettings
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_model_path(spec: str) -> str:
@@ -43,6 +42,8 @@ def resolve_model_path(spec: str) -> str:
 
 def setup_torch(settings: ModelSettings) -> torch.device:
     """Sets the thread count and returns the device; CUDA asked for but missing is an error."""
+    # Per-load progress bars would flood replica logs; loads are logged once, below.
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     device = torch.device(settings.device)

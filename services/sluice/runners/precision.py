@@ -1,0 +1,129 @@
+"""Precision and quantisation, chosen at load time behind a quality gate.
+
+`dtype: auto` picks bf16 where the hardware runs it natively (a GPU with bf16, a CPU with
+avx512_bf16, AMX or Arm bf16) and fp32 elsewhere: emulated bf16 is slower than fp32.
+Any choice other than plain fp32 (auto's bf16, an explicit bf16/fp16, int8 quantisation) is
+*measured* before it serves: the runner's fixed probe set runs through an fp32 reference and
+through the candidate, and the runner's own metric (embeddings: the lowest cosine; labels and
+next tokens: the agreement) must reach the floor. Below it, the replica serves fp32 and logs
+why. `../shared/ANCHORS.md` is the reason: bf16 MiniLM kept cosine 0.9966 at ~3x fp32 on an
+avx512_bf16 CPU, while the old `torch.ao` qint8 path was as fast and fell to 0.927.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from sluice.runners.base import Runner
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 and Arm names
+
+
+@dataclass(slots=True)
+class Precision:
+    """What a replica serves, what was asked, and the gate's verdict."""
+
+    asked: str  # e.g. "auto", "bf16+int8"
+    dtype: str  # served: fp32, bf16 or fp16
+    quantization: str  # served: none or int8
+    metric: str
+    floor: float
+    score: float | None  # None: not measured (plain fp32, or the gate turned off)
+    reason: str
+    gate_s: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True on CPUs whose instruction set computes in bf16 (not just converts)."""
+    try:
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            return True
+    except AttributeError:  # private helpers; fall back to the kernel's flags
+        pass
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = {f for line in text.splitlines() if line.startswith(("flags", "Features"))
+             for f in line.split(":", 1)[1].split()}  # fmt: skip
+    return bool(flags & CPU_BF16_FLAGS)
+
+
+def resolve_dtype(asked: str, device: torch.device) -> tuple[str, str]:
+    """(dtype to try, why): `auto` resolved for this device; explicit choices kept."""
+    if asked != "auto":
+        return asked, f"{asked} asked for"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU runs bf16"
+        return "fp16", "auto: the GPU has no bf16, fp16 instead"
+    if cpu_has_native_bf16():
+        return "bf16", "auto: this CPU has native bf16"
+    return "fp32", "auto: this CPU has no native bf16, so bf16 would be slower than fp32"
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 activations and int8 weights on every Linear (torchao)."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError as exc:
+        raise RuntimeError("quantization: int8 needs torchao (pip install torchao)") from exc
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    return model
+
+
+def load_gated(runner: Runner) -> Precision:
+    """Loads `runner.model` in the precision the settings ask for, if it passes the gate."""
+    settings = runner.settings
+    dtype, why = resolve_dtype(settings.dtype, runner.device)
+    quant = settings.quantization
+    if quant == "int8":
+        why += ", with int8 weights and activations"
+    floor = runner.quality_floor if settings.quality_floor is None else settings.quality_floor
+    asked = settings.dtype + ("+int8" if quant == "int8" else "")
+    verdict = Precision(asked, dtype, quant, runner.quality_metric, floor, None, why)
+    if dtype == "fp32" and quant == "none":
+        runner.model = runner.build_model(torch.float32)
+        return verdict
+    if floor <= 0:
+        runner.model = _candidate(runner, dtype, quant)
+        verdict.reason = f"{why}; quality gate off (floor 0)"
+        return verdict
+    started = time.monotonic()
+    runner.model = runner.build_model(torch.float32)
+    reference = runner.probe()
+    fp32_model = runner.model
+    try:
+        runner.model = _candidate(runner, dtype, quant)
+        verdict.score = float(runner.quality(reference, runner.probe()))
+    except (RuntimeError, NotImplementedError) as exc:  # e.g. fp16 kernels missing on a CPU
+        verdict.reason = f"{why}, but it failed on the probe set: {exc}"
+    verdict.gate_s = round(time.monotonic() - started, 3)
+    if verdict.score is not None and verdict.score >= floor:
+        verdict.reason = f"{why}; {verdict.metric} {verdict.score:.4f} >= {floor}"
+        log.info("precision %s/%s kept: %s", dtype, quant, verdict.reason)
+        return verdict
+    if verdict.score is not None:
+        verdict.reason = f"{why}, but {verdict.metric} {verdict.score:.4f} < {floor}"
+    log.warning("precision %s/%s refused, serving fp32: %s", dtype, quant, verdict.reason)
+    runner.model = fp32_model
+    verdict.dtype, verdict.quantization = "fp32", "none"
+    return verdict
+
+
+def _candidate(runner: Runner, dtype: str, quant: str) -> torch.nn.Module:
+    model = runner.build_model(DTYPES[dtype])
+    return quantize_int8(model) if quant == "int8" else model
