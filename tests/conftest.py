@@ -213,3 +213,55 @@ def redis_cli() -> str:
     if path is None:
         pytest.fail("redis-cli is not installed (make install installs redis-tools)")
     return path
+
+
+GENERATOR_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a stream of tokens flows through the sluice gate",
+    "continuous batching keeps the accelerator busy",
+    "naïve café déjà vu: ünïcödé text, with some emoji 🙂 too",
+]
+
+
+def build_tiny_tokenizer() -> Any:
+    """A byte-level BPE trained on a few sentences: any text encodes, nothing downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(GENERATOR_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def build_tiny_generator(folder: Path, seed: int = 0) -> Path:
+    """A random-weight 2-layer Qwen2 causal LM with a tiny BPE, saved like any HF folder."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    # A large init makes attention sharp, so a wrong position or mask changes greedy tokens.
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        initializer_range=0.5, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_generator(tmp_path_factory.mktemp("tiny-generator")))

@@ -35,6 +35,20 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+# KEYS: the reply stream. ARGV: job id, seq, text delta, attempt, MAXLEN, TTL.
+# Appends one streamed text delta (generation); returns 0, pushing nothing, when the key holds
+# something other than a stream. Deltas are progress, not results: no look-back dedupe.
+PUSH_TOKEN = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'stream' and kind ~= 'none' then
+  return 0
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
+  'id', ARGV[1], 'seq', ARGV[2], 'token', ARGV[3], 'attempt', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return 1
+"""
+
 # KEYS: jobs stream, dead stream, result key (any key of the slot when there is no result).
 # ARGV: entry id, group, dead MAXLEN, result JSON or '', result TTL, then field/value pairs.
 # Returns 0 when the entry is no longer pending (answered or dead-lettered already: a retry

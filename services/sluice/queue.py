@@ -100,6 +100,7 @@ class StreamQueue:
         self.dead_key = dead_key(model)
         self._push_reply = redis.register_script(lua.PUSH_REPLY)
         self._dead_letter = redis.register_script(lua.DEAD_LETTER)
+        self._push_token = redis.register_script(lua.PUSH_TOKEN)
         self._pull = redis.register_script(lua.PULL)
         self._trim = redis.register_script(lua.TRIM)
 
@@ -257,6 +258,20 @@ class StreamQueue:
             if res == 0 or isinstance(res, Exception):
                 # The result is stored and acked either way: a bad reply_to costs only the push.
                 log.warning("no reply pushed to %r: %s", reply_to, res or "not a stream")
+
+    async def push_tokens(self, deltas: Sequence[tuple[str, str, int, str, int]]) -> int:
+        """Appends streamed text deltas, (reply_to, job id, seq, text, attempt) each, to their
+        reply streams; returns how many it pushed. Best effort: the final result, pushed
+        after them by `finish`, is the one answer that counts."""
+        if not deltas:
+            return 0
+        limits = (self.settings.reply_maxlen, self.settings.reply_ttl_s)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for reply_to, job_id, seq, text, attempt in deltas:
+                args: list[str | int] = [job_id, seq, text, attempt, *limits]
+                await self._push_token(keys=[reply_to], args=args, client=pipe)
+            results = await pipe.execute(raise_on_error=False)
+        return sum(1 for res in results if res == 1)
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> int:
         """Moves entries to the dead stream with their reason, stores any result, acks them.

@@ -106,10 +106,18 @@ class RunQueue:
         with self._cond:
             while not self._heap:
                 self._cond.wait()
-            lane, _, batch = heapq.heappop(self._heap)
-            self._used[0 if lane <= 0 else 1] -= 1
-            self._cond.notify_all()
-            return batch
+            return self._pop()
+
+    def try_get(self) -> tuple[bool, Batch | None]:
+        """(False, None) when nothing waits; else (True, the batch or the end marker)."""
+        with self._cond:
+            return (True, self._pop()) if self._heap else (False, None)
+
+    def _pop(self) -> Batch | None:
+        lane, _, batch = heapq.heappop(self._heap)
+        self._used[0 if lane <= 0 else 1] -= 1
+        self._cond.notify_all()
+        return batch
 
     def clear_and_end(self) -> None:
         """Drops what waits and puts an end marker first in line; never blocks."""

@@ -4,8 +4,10 @@ Two asyncio tasks and a model thread, joined by bounded queues, so each stage ov
 others:
 
     pull loop     priority pull (+ reclaim, trim) → decode → bad/expired/already answered
-                  handled at once → encode + cut + collate in the prep thread → run queue
-    model thread  forward passes back to back (running.py) → write queue
+                  handled at once → encode + cut + collate in the prep thread (preparing.py)
+                  → run queue
+    model thread  forward passes back to back (running.py), or generation steps with jobs
+                  joining and leaving between them (generating.py) → write queue
     write loop    result JSON in the finish thread → SET NX + XACK in one MULTI → reply_to
 
 While batch k runs on the model thread, batch k+1 is pulled and tokenized and the results of
@@ -28,17 +30,19 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError, ResponseError
 
-from sluice.batching import Batch, Collector, cut_batches
-from sluice.errors import DeadLettered, InvalidInput, JobExpired, ModelFailure, SluiceError
+from sluice.batching import Collector
+from sluice.errors import DeadLettered, JobExpired
+from sluice.generating import ContinuousStage, StageItem, Tokens
+from sluice.preparing import Preparer
 from sluice.protocol import BadEntry, Job, decode_fields, decode_job, error_result
 from sluice.queue import DeadLetter, Entry, Outcome, StreamQueue
-from sluice.runners.base import Encoded, Runner
-from sluice.running import ModelStage, Ran, Retry, RunItem, failed, outcome_of
+from sluice.runners.base import ContinuousRunner, Runner
+from sluice.running import ModelStage, Ran, Retry, outcome_of
 from sluice.settings import ModelSettings, QueueSettings
 
 log = logging.getLogger(__name__)
 
-WriteItem = RunItem | list[DeadLetter]
+WriteItem = StageItem | list[DeadLetter]
 
 
 @dataclass
@@ -56,6 +60,7 @@ class WorkerStats:
     retries: int = 0
     trimmed: int = 0
     redis_errors: int = 0
+    tokens_pushed: int = 0  # streamed text deltas (generation)
     started_at: float = field(default_factory=time.time)
 
 
@@ -85,13 +90,8 @@ class Worker:
         self.limits = limits
         self._stats = WorkerStats()
         self._collector = Collector(queue.pull, model, limits.block_ms)
-        self._stage = ModelStage(
-            runner,
-            model.name,
-            model.prefetch_batches,
-            self._emit,
-            encode_inline=model.device == "cpu",
-        )
+        self._stage = self._model_stage()
+        self._prepare = Preparer(runner, model, self._stage.submit)
         self._write_q: asyncio.Queue[WriteItem | None] = asyncio.Queue(8)
         # One thread each: prep (tokenize, collate), model (forward), finish (result JSON).
         # Separate, because prep blocks on a full run queue and must not hold up the writer.
@@ -106,6 +106,17 @@ class Worker:
         self._tasks: dict[str, asyncio.Future[None]] = {}
         self._last_emit: concurrent.futures.Future[None] | None = None
         self._aborted = threading.Event()  # a stop that timed out: threads must not block
+
+    def _model_stage(self) -> ModelStage:
+        if isinstance(self.runner, ContinuousRunner):
+            return ContinuousStage(
+                self.runner, self.model.name, self.model.prefetch_batches, self._emit,
+                max_waiting=self.model.max_batch_size,
+            )  # fmt: skip
+        return ModelStage(
+            self.runner, self.model.name, self.model.prefetch_batches, self._emit,
+            encode_inline=self.model.device == "cpu",
+        )  # fmt: skip
 
     @property
     def stats(self) -> WorkerStats:
@@ -290,57 +301,9 @@ class Worker:
         fields, _ = decode_fields(entry.fields)
         return DeadLetter(entry.entry_id, fields, reason, entry.deliveries, outcome, entry.lane)
 
-    def _prepare(self, jobs: list[Job]) -> list[Outcome]:
-        """Prep thread: tokenize, cut by size and token budget, collate, queue for the model.
-
-        Blocks while the run queue is full: that is what stops the pull loop pulling.
-        Returns the outcomes of jobs refused at tokenization.
-        """
-        encoded = self._encode(jobs)
-        valid = [item for item in encoded if isinstance(item, Encoded)]
-        refused = [
-            failed(self.model.name, job, item)
-            for job, item in zip(jobs, encoded, strict=True)
-            if isinstance(item, SluiceError)
-        ]
-        lanes = sorted({item.job.lane for item in valid})
-        groups = [
-            group
-            for lane in lanes
-            for group in cut_batches(
-                [item for item in valid if item.job.lane == lane],
-                self.model.max_batch_size,
-                self.model.max_batch_tokens,
-            )
-        ]
-        for group in groups:
-            try:
-                prepared = self.runner.collate(group)
-            except Exception as exc:
-                log.exception("collate failed for a batch of %d", len(group))
-                err = ModelFailure(f"{type(exc).__name__}: {exc}")
-                refused += [failed(self.model.name, item.job, err) for item in group]
-                continue
-            self._stage.submit(Batch(group, prepared))
-        return refused
-
-    def _encode(self, jobs: list[Job]) -> list[Encoded | SluiceError]:
-        try:
-            return self.runner.encode(jobs)
-        except Exception:
-            # One input broke the tokenizer: find it by encoding jobs one at a time.
-            log.exception("encode failed for a batch of %d; isolating", len(jobs))
-            out: list[Encoded | SluiceError] = []
-            for job in jobs:
-                try:
-                    out.extend(self.runner.encode([job]))
-                except Exception as exc:
-                    out.append(InvalidInput(f"input could not be tokenized: {exc}"))
-            return out
-
     # -- run ----------------------------------------------------------------------------------
 
-    def _emit(self, item: RunItem) -> None:
+    def _emit(self, item: StageItem) -> None:
         """Model thread: hands a result to the writer without waiting for the event loop,
         but blocks while an earlier hand-off still waits for room (bounded memory)."""
         while self._last_emit is not None and not self._aborted.is_set():
@@ -362,11 +325,22 @@ class Worker:
             if isinstance(item, Retry):
                 await self._retry(item)
                 continue
+            if isinstance(item, Tokens):
+                await self._push_tokens(item)
+                continue
             if isinstance(item, Ran):
                 item = await self._loop.run_in_executor(
                     self._finish_pool, item.outcomes, self.model.name
                 )
             await self._write_until_done(item)
+
+    async def _push_tokens(self, item: Tokens) -> None:
+        try:
+            self.stats.tokens_pushed += await self.queue.push_tokens(item.deltas)
+        except (RedisError, OSError) as exc:
+            # Deltas are progress only; the final result is written (and retried) as usual.
+            self.stats.redis_errors += 1
+            log.warning("dropped %d streamed deltas (%r)", len(item.deltas), exc)
 
     async def _retry(self, item: Retry) -> None:
         """A retryable failure runs again after a backoff, up to `max_deliveries` runs in

@@ -62,3 +62,15 @@ def test_local_yaml_is_a_valid_serve_config_and_app():
     (app,) = config["applications"]
     assert app["import_path"] == "sluice.replica:build_app"
     assert build_app(app["args"]) is not None
+
+
+def test_multi_yaml_serves_three_tasks_each_a_valid_app():
+    from sluice.replica import build_app
+    from sluice.stack import load_config, served_models
+
+    config = load_config(ROOT / "deployments" / "multi.yaml")
+    assert served_models(config) == ["minilm", "sentiment", "chat"]
+    tasks = [app["args"]["model"]["task"] for app in config["applications"]]
+    assert tasks == ["embed", "classify", "generate"]
+    for app in config["applications"]:
+        assert build_app(app["args"]) is not None

@@ -100,3 +100,61 @@ class Runner(ABC):
         if self.precision is not None:
             facts["precision"] = self.precision.describe()
         return facts
+
+
+@dataclass(slots=True)
+class Progress:
+    """What one step of a continuous runner did for one job: new text, and the end."""
+
+    item: Encoded
+    text: str  # new text since the job's previous Progress
+    seq: int  # 0, 1, 2... per job: the order of its deltas
+    output: Any = None  # set on the job's last Progress: its JSON-able output
+    timings: dict[str, float] | None = None  # set with `output`: the runner's own (ttft_ms...)
+
+    @property
+    def finished(self) -> bool:
+        return self.output is not None
+
+
+class ContinuousRunner(Runner):
+    """A runner whose batch changes between steps (generation): `admit` jobs any time, `step`
+    again and again; each step reports progress for every job it advanced."""
+
+    continuous: ClassVar[bool] = True
+
+    @abstractmethod
+    def admit(self, items: Sequence[Encoded]) -> None:
+        """Queues encoded jobs to join the running batch at the next step."""
+
+    @abstractmethod
+    def step(self) -> list[Progress]:
+        """One iteration (admit what fits, one token for every running job)."""
+
+    @property
+    @abstractmethod
+    def waiting(self) -> int:
+        """Jobs admitted but not yet running."""
+
+    @property
+    @abstractmethod
+    def running(self) -> int:
+        """Jobs in the running batch."""
+
+    @property
+    @abstractmethod
+    def idle(self) -> bool:
+        """Nothing waiting and nothing running."""
+
+    @abstractmethod
+    def abandon(self) -> list[Encoded]:
+        """Drops every job waiting or running (after a failed step) and returns them."""
+
+    def collate(self, items: Sequence[Encoded]) -> list[Encoded]:
+        return list(items)  # no padding here: the scheduler batches row by row
+
+    def run(self, prepared: Any) -> Any:
+        raise TypeError(f"{self.task} is a continuous runner: use admit() and step()")
+
+    def finish(self, raw: Any, items: Sequence[Encoded]) -> list[Any]:
+        raise TypeError(f"{self.task} is a continuous runner: use admit() and step()")

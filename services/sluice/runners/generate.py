@@ -1,0 +1,223 @@
+"""Text generation: a causal LM served with continuous batching (decoding.py) and streaming.
+
+Input `{"prompt": str}`; params (all optional):
+
+    max_new_tokens  1 .. the model's `max_new_tokens` setting (default: that setting)
+    temperature     0 (greedy, the default) .. 2
+    top_p           (0, 1], nucleus sampling when temperature > 0 (default 1)
+    stop            a string or a list of up to 4 non-empty strings: the output ends before one
+    seed            an integer: the same seed, prompt and settings give the same text
+    stream          true (default) / false: push text deltas to `reply_to` as they come
+
+Output: `{"text", "finish_reason": "eos" | "length" | "stop", "usage": {"prompt_tokens",
+"completion_tokens"}}`. A prompt that leaves no room for one new token inside the model's
+context (`max_length`, default `max_position_embeddings`) is refused, `input_too_large`; a
+prompt plus `max_new_tokens` over the context gets the tokens that fit.
+
+The quality gate's metric: the share of probe-text positions whose greedy next token, read
+teacher-forced, is the same as fp32's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from sluice.errors import InputTooLarge, InvalidInput, InvalidParams, SluiceError
+from sluice.protocol import Job
+from sluice.runners.base import ContinuousRunner, Encoded, Progress
+from sluice.runners.decoding import ContinuousBatcher, GenEvent, GenRequest
+from sluice.runners.probes import PROBE_TEXTS
+
+
+@dataclass(slots=True)
+class _Running:
+    """A job in the batcher: its deltas so far, numbered."""
+
+    item: Encoded
+    seq: int = 0
+    text: str = ""
+
+
+PARAMS = frozenset({"max_new_tokens", "temperature", "top_p", "stop", "seed", "stream"})
+MAX_STOPS = 4
+
+
+class GenerateRunner(ContinuousRunner):
+    """`{"prompt": str}` in, generated text out, token by token."""
+
+    task: ClassVar[str] = "generate"
+    quality_metric: ClassVar[str] = "next_token_agreement"
+    quality_floor: ClassVar[float] = 0.98
+
+    def load_assets(self, path: str) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        limit = int(getattr(config, "max_position_embeddings", 2048))
+        self.max_length = min(self.settings.max_length or limit, limit)
+        self._running: dict[str, _Running] = {}
+
+    def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, dtype=dtype)
+        loaded: torch.nn.Module = model.to(self.device).eval()  # type: ignore[arg-type]
+        return loaded
+
+    def load(self) -> None:
+        super().load()
+        self.batcher = self._new_batcher()
+
+    def _new_batcher(self) -> ContinuousBatcher:
+        # Made after the gate: the scheduler drives whichever model it kept.
+        return ContinuousBatcher(
+            self.model,  # type: ignore[arg-type]
+            self.tokenizer,
+            max_batch=self.settings.max_batch_size,
+            max_batch_tokens=self.settings.max_batch_tokens,
+            device=self.device,
+        )
+
+    # -- the quality gate ----------------------------------------------------------------------
+
+    def probe(self) -> torch.Tensor:
+        assert self.model is not None, "load() first"
+        batch = self.tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.inference_mode():
+            logits = self.model(**batch).logits
+        # Padding positions are marked -1 so they never count as agreement.
+        best: torch.Tensor = logits.argmax(-1).masked_fill(batch["attention_mask"] == 0, -1)
+        return best.cpu()
+
+    def quality(self, reference: torch.Tensor, candidate: torch.Tensor) -> float:
+        real = reference >= 0
+        return float((reference[real] == candidate[real]).float().mean())
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def encode(self, jobs: Sequence[Job]) -> list[Encoded | SluiceError]:
+        out: list[Encoded | SluiceError] = []
+        for job in jobs:
+            try:
+                out.append(self._encode_one(job))
+            except SluiceError as err:
+                out.append(err)
+        return out
+
+    def _encode_one(self, job: Job) -> Encoded:
+        prompt = job.input.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidInput("input.prompt must be a non-empty string")
+        extra = set(job.input) - {"prompt"}
+        if extra:
+            raise InvalidInput(f"unknown input fields {sorted(extra)}; generation takes `prompt`")
+        request = self._request(job)
+        request.prompt_ids = list(self.tokenizer(prompt)["input_ids"])
+        room = self.max_length - len(request.prompt_ids)
+        if room < 1:
+            raise InputTooLarge(
+                f"the prompt is {len(request.prompt_ids)} tokens; the model's context is "
+                f"{self.max_length}, with no room left to generate"
+            )
+        request.max_new_tokens = min(request.max_new_tokens, room)
+        return Encoded(job, len(request.prompt_ids), request)
+
+    def _request(self, job: Job) -> GenRequest:
+        p = job.params
+        unknown = set(p) - PARAMS
+        if unknown:
+            raise InvalidParams(f"unknown params {sorted(unknown)}; allowed: {sorted(PARAMS)}")
+        cap = self.settings.max_new_tokens
+        max_new = _number(p, "max_new_tokens", int, 1, cap, cap)
+        temperature = _number(p, "temperature", float, 0.0, 2.0, 0.0)
+        top_p = _number(p, "top_p", float, 0.0, 1.0, 1.0)
+        if top_p <= 0:
+            raise InvalidParams("params.top_p must be above 0 and at most 1")
+        seed = p.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise InvalidParams(f"params.seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(p.get("stream", True), bool):
+            raise InvalidParams("params.stream must be true or false")
+        return GenRequest(job.id, [], max_new, temperature, top_p, _stops(p.get("stop")), seed)
+
+    def admit(self, items: Sequence[Encoded]) -> None:
+        for item in items:
+            self._running[item.job.id] = _Running(item)
+            self.batcher.add(item.data)
+
+    @property
+    def waiting(self) -> int:
+        return self.batcher.pending
+
+    @property
+    def running(self) -> int:
+        return self.batcher.active
+
+    @property
+    def idle(self) -> bool:
+        return self.batcher.idle
+
+    def abandon(self) -> list[Encoded]:
+        items = [state.item for state in self._running.values()]
+        self._running.clear()
+        self.batcher = self._new_batcher()
+        return items
+
+    def step(self) -> list[Progress]:
+        return [self._progress(event) for event in self.batcher.step()]
+
+    def _progress(self, event: GenEvent) -> Progress:
+        state = self._running[event.key]
+        state.text += event.text
+        seq, state.seq = state.seq, state.seq + 1
+        if not event.finished:
+            return Progress(state.item, event.text, seq)
+        del self._running[event.key]
+        output = {
+            "text": state.text,
+            "finish_reason": event.finish_reason,
+            "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.generated},
+        }
+        timings = {"completion_tokens": float(event.generated)}
+        if event.first_token_s is not None:
+            # The batcher's clock is monotonic; results carry wall-clock ms like the rest.
+            ago_s = time.monotonic() - event.first_token_s
+            timings["first_token_ms"] = round((time.time() - ago_s) * 1000, 3)
+        return Progress(state.item, event.text, seq, output, timings)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "max_length": self.max_length}
+
+
+def _number(
+    params: dict[str, Any], name: str, kind: type, low: float, high: float, default: Any
+) -> Any:
+    value = params.get(name, default)
+    ok_type = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        ok_type = isinstance(value, int) and not isinstance(value, bool)
+    if not ok_type or not low <= value <= high:
+        what = "an integer" if kind is int else "a number"
+        raise InvalidParams(f"params.{name} must be {what} from {low:g} to {high:g}, got {value!r}")
+    return kind(value)
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else value
+    if stops is None:
+        return ()
+    if (
+        not isinstance(stops, list)
+        or not 1 <= len(stops) <= MAX_STOPS
+        or not all(isinstance(s, str) and s for s in stops)
+    ):
+        raise InvalidParams(
+            f"params.stop must be a non-empty string or a list of 1 to {MAX_STOPS} of them"
+        )
+    return tuple(stops)
