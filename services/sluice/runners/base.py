@@ -99,6 +99,9 @@ class Runner(ABC):
         facts: dict[str, Any] = {"task": self.task, "model_path": self.settings.model_path}
         if self.precision is not None:
             facts["precision"] = self.precision.describe()
+        config = getattr(self.model, "config", None)
+        if config is not None:
+            facts["attention"] = getattr(config, "_attn_implementation", None)
         return facts
 
 
