@@ -4,8 +4,11 @@ Two decisions live here and nowhere else:
 
 * **Collect** (`Collector`): one XREADGROUP pulls up to `max_batch_size` entries. A deep queue
   fills the batch in that one call and never waits. A shallow one gets a partial batch, which
-  may wait up to `max_wait_ms` for more, but only while the model is busy: an idle model runs
-  what it has at once, since waiting then adds latency and buys nothing.
+  may wait for more, but only while the model is busy: an idle model runs what it has at once,
+  since waiting then adds latency and buys nothing. While it is busy, the batch waits up to
+  `max_wait_ms`, or until shortly before the running batch is expected to end, whichever is
+  later: it could not run sooner, and a fuller batch is cheaper per job. (Without this, near
+  saturation each batch held only the jobs that arrived during the previous forward pass.)
 * **Cut** (`cut_batches`): encoded jobs are sorted by length (less padding) and cut into model
   batches of at most `max_batch_size` jobs and `max_batch_tokens` padded tokens; the worker
   cuts each priority lane apart, so a high job never rides in a normal batch that queues last.
@@ -30,6 +33,9 @@ from sluice.runners.base import Encoded
 from sluice.settings import ModelSettings
 
 PullFn = Callable[[int, int | None], Awaitable[list[Entry]]]
+# Share of the running batch's expected time left that a partial batch may spend collecting:
+# the rest covers tokenizing and collating it before the model is free.
+FILL_SHARE = 0.75
 
 
 @dataclass(slots=True)
@@ -80,13 +86,19 @@ class Collector:
         self._max_wait_s = settings.max_wait_ms / 1000
         self._block_ms = block_ms
 
-    async def collect(self, model_busy: Callable[[], bool]) -> list[Entry]:
-        """Up to `max_batch_size` entries; blocks up to `block_ms` when the queue is empty."""
+    async def collect(self, time_left_s: Callable[[], float]) -> list[Entry]:
+        """Up to `max_batch_size` entries; blocks up to `block_ms` when the queue is empty.
+
+        `time_left_s` is how long the model is expected to stay busy with what it runs now
+        (0: idle). A partial batch waits for more only while it is above 0, and for at most
+        `max_wait_ms` or FILL_SHARE of that time, whichever is longer: the batch could not run
+        sooner anyway, and the rest of the time is left for tokenizing it.
+        """
         entries = await self._pull(self._max, self._block_ms)
         if not entries or len(entries) >= self._max or self._max_wait_s <= 0:
             return entries
-        deadline = time.monotonic() + self._max_wait_s
-        while len(entries) < self._max and model_busy():
+        deadline = time.monotonic() + max(self._max_wait_s, FILL_SHARE * time_left_s())
+        while len(entries) < self._max and time_left_s() > 0:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms < 1:
                 break

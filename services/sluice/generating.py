@@ -96,6 +96,7 @@ class ContinuousStage(ModelStage):
             self.crunner.admit(live)
 
     def _step(self) -> None:
+        self._started_s = time.monotonic()
         self.busy = True
         try:
             progress = self.crunner.step()
@@ -104,6 +105,7 @@ class ContinuousStage(ModelStage):
             return
         finally:
             self.busy = False
+            self._timed(self._started_s)
         self.batches += 1
         deltas = [_delta(p) for p in progress if p.text and _streams(p.item.job)]
         if deltas:

@@ -144,6 +144,8 @@ class ModelStage:
         self.model = model
         self.busy = False
         self.batches = 0
+        self._started_s = 0.0  # monotonic start of the batch running now
+        self._forward_s = 0.0  # moving average of a forward pass's duration
         self._emit = emit
         self._queue = RunQueue(prefetch)
 
@@ -160,6 +162,16 @@ class ModelStage:
         """Drops what is queued and ends the loop now: for a stop that ran out of time (the
         dropped jobs stay pending in Redis and are reclaimed by another replica)."""
         self._queue.clear_and_end()
+
+    def time_left_s(self) -> float:
+        """How long the batch running now is expected to take still; 0 when idle."""
+        if not self.busy:
+            return 0.0
+        return max(0.0, self._started_s + self._forward_s - time.monotonic())
+
+    def _timed(self, started_s: float) -> None:
+        took = time.monotonic() - started_s
+        self._forward_s = took if self._forward_s == 0 else 0.8 * self._forward_s + 0.2 * took
 
     def run_forever(self) -> None:
         """The model thread's body: until `close`, run each batch and emit what it gives."""
@@ -185,11 +197,13 @@ class ModelStage:
             if not live:
                 return out
             batch = Batch(live, self.runner.collate(live))
+        self._started_s = time.monotonic()
         self.busy = True
         try:
             out.extend(self._forward(batch))
         finally:
             self.busy = False
+            self._timed(self._started_s)
         return out
 
     def _forward(self, batch: Batch) -> list[RunItem]:

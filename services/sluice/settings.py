@@ -84,7 +84,11 @@ class ModelSettings(BaseModel):
     )
     max_batch_size: int = Field(64, ge=1, le=4096)
     max_wait_ms: float = Field(
-        5.0, ge=0, le=10_000, description="a partial batch waits this long while the model is busy"
+        5.0,
+        ge=0,
+        le=10_000,
+        description="while the model is busy, a partial batch waits this long for more, or "
+        "until shortly before the running batch should end if that is later; 0: never",
     )
     max_batch_tokens: int = Field(16_384, ge=1, description="padded tokens per model batch")
     prefetch_batches: int = Field(

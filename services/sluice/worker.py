@@ -195,7 +195,7 @@ class Worker:
                     await self.queue.register(self._registration())
                     group_ready = True
                     self.ready.set()
-                entries = await self._collector.collect(lambda: self._stage.busy)
+                entries = await self._collector.collect(self._stage.time_left_s)
                 backoff.reset()
             except (RedisError, OSError) as exc:
                 self.stats.redis_errors += 1

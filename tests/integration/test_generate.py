@@ -137,3 +137,18 @@ def test_bad_generation_jobs_get_clear_errors(generator, producer_url, job_input
     with Client(producer_url) as client:
         (res,) = client.wait([client.submit(generator, job_input, params=params)], timeout=60)
     assert res.status == "error" and res.error["code"] == code, res
+
+
+def test_one_id_queued_twice_runs_without_harm(generator, r, producer_url):
+    from tests.helpers import group_pending, wait_all_results, wait_for
+
+    fields = {"id": "twice", "input": '{"prompt":"a stream of"}', "params": '{"max_new_tokens":32}'}
+    r.xadd(f"sluice:{{{generator}}}:jobs", fields)
+    r.xadd(f"sluice:{{{generator}}}:jobs", fields)
+
+    (result,) = wait_all_results(r, generator, ["twice"]).values()
+    assert result["status"] == "ok"
+    wait_for(lambda: group_pending(r, generator) == 0, 30, what="both entries acked")
+    with Client(producer_url) as client:  # the replica serves on
+        (after,) = client.wait([client.submit(generator, {"prompt": "hello"})], timeout=60)
+    assert after.status == "ok"

@@ -51,10 +51,12 @@ class FakeStream:
         return [Entry(f"1-{i}", {}) for i in range(n)]
 
 
-def collect(chunks: list[int], busy: bool, **settings: float) -> tuple[int, FakeStream]:
+def collect(
+    chunks: list[int], busy: bool, time_left_s: float = 0.01, **settings: float
+) -> tuple[int, FakeStream]:
     stream = FakeStream(chunks)
     collector = Collector(stream.pull, ModelSettings(max_batch_size=8, **settings), block_ms=1000)
-    entries = asyncio.run(collector.collect(lambda: busy))
+    entries = asyncio.run(collector.collect(lambda: time_left_s if busy else 0.0))
     return len(entries), stream
 
 
@@ -79,3 +81,10 @@ def test_a_busy_model_lets_a_partial_batch_wait_for_more():
 def test_no_wait_when_max_wait_is_zero():
     n, stream = collect([3, 5], busy=True, max_wait_ms=0)
     assert n == 3 and len(stream.calls) == 1
+
+
+def test_a_long_forward_lets_a_partial_batch_fill_until_shortly_before_it_ends():
+    # 200 ms still to run: the batch may collect for 150 ms (FILL_SHARE), not just 5 ms.
+    n, stream = collect([3, 2, 3], busy=True, time_left_s=0.2, max_wait_ms=5)
+    assert n == 8
+    assert 140 <= stream.calls[1][1] <= 150, stream.calls

@@ -144,11 +144,16 @@ class GenerateRunner(ContinuousRunner):
             raise InvalidParams(f"params.seed must be a non-negative integer, got {seed!r}")
         if not isinstance(p.get("stream", True), bool):
             raise InvalidParams("params.stream must be true or false")
-        return GenRequest(job.id, [], max_new, temperature, top_p, _stops(p.get("stop")), seed)
+        # Keyed by the entry, not the job id: the same id queued twice runs twice (the first
+        # result wins at SET NX), where one key would make the scheduler refuse the second.
+        key = f"{job.lane}/{job.entry_id}"
+        return GenRequest(key, [], max_new, temperature, top_p, _stops(p.get("stop")), seed)
 
     def admit(self, items: Sequence[Encoded]) -> None:
         for item in items:
-            self._running[item.job.id] = _Running(item)
+            if item.data.key in self._running:
+                continue  # the same entry delivered again while it runs: one run is enough
+            self._running[item.data.key] = _Running(item)
             self.batcher.add(item.data)
 
     @property
