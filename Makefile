@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 APT_PACKAGES := redis-server redis-tools
 
-.PHONY: install system-deps demo test test-fast bench bench-compare lint format clean
+.PHONY: install system-deps demo test test-fast bench bench-compare bench-precision bench-generate lint format clean
 
 install: $(STAMP) system-deps
 
@@ -41,10 +41,19 @@ test-fast: install
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest.drain --repeats 5
 
-# Open loop, rate doubling to saturation: Sluice, the bare model and the Ray Serve async-inference peer.
+# Open loop, rate doubling to saturation then two bisections: Sluice, the bare model and the
+# Ray Serve async-inference peer.
 bench-compare: install
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest compare --targets sluice,bare,peer --saturate --rate 40 \
-	  --max-steps 5 --duration 15 --warmup 3 --slo-ms 1000
+	  --max-steps 5 --refine 2 --duration 15 --warmup 3 --slo-ms 1000 --dtype fp32
+
+# Per precision: throughput and the quality gate's score (issue 6).
+bench-precision: install
+	HF_HUB_OFFLINE=1 $(PY) -m loadtest.precision --repeats 5 --compile
+
+# Generation: continuous batching vs static generate.
+bench-generate: install
+	HF_HUB_OFFLINE=1 $(PY) -m loadtest.genbench --shape small --repeats 3 --plot
 
 lint: install
 	$(VENV)/bin/ruff check services tests loadtest
