@@ -7,8 +7,10 @@ here, because a Redis restarted without persistence comes back with no group.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -347,3 +349,17 @@ def _look_back_id(since_ms: float | None) -> str:
     if since_ms is None:
         return "0-0"
     return f"{max(0, int(since_ms) - 60_000)}-0"
+
+
+class Backoff:
+    """Exponential backoff with jitter, for Redis outages."""
+
+    def __init__(self, first_s: float = 0.1, max_s: float = 5.0) -> None:
+        self._first_s, self._max_s, self._next_s = first_s, max_s, first_s
+
+    def reset(self) -> None:
+        self._next_s = self._first_s
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self._next_s * random.uniform(0.5, 1.0))
+        self._next_s = min(self._next_s * 2, self._max_s)

@@ -33,9 +33,9 @@ from redis.exceptions import RedisError, ResponseError
 from sluice.batching import Collector
 from sluice.errors import DeadLettered, JobExpired
 from sluice.generating import ContinuousStage, StageItem, Tokens
-from sluice.preparing import Preparer
-from sluice.protocol import BadEntry, Job, decode_fields, decode_job, error_result
-from sluice.queue import DeadLetter, Entry, Outcome, StreamQueue
+from sluice.preparing import Preparer, over_delivered, refuse
+from sluice.protocol import BadEntry, Job, decode_job, error_result
+from sluice.queue import Backoff, DeadLetter, Entry, Outcome, StreamQueue
 from sluice.runners.base import ContinuousRunner, Runner
 from sluice.running import ModelStage, Ran, Retry, outcome_of
 from sluice.settings import ModelSettings, QueueSettings
@@ -62,20 +62,6 @@ class WorkerStats:
     redis_errors: int = 0
     tokens_pushed: int = 0  # streamed text deltas (generation)
     started_at: float = field(default_factory=time.time)
-
-
-class Backoff:
-    """Exponential backoff with jitter, for Redis outages."""
-
-    def __init__(self, first_s: float = 0.1, max_s: float = 5.0) -> None:
-        self._first_s, self._max_s, self._next_s = first_s, max_s, first_s
-
-    def reset(self) -> None:
-        self._next_s = self._first_s
-
-    async def sleep(self) -> None:
-        await asyncio.sleep(self._next_s * random.uniform(0.5, 1.0))
-        self._next_s = min(self._next_s * 2, self._max_s)
 
 
 class Worker:
@@ -242,9 +228,11 @@ class Worker:
                 entry.entry_id, entry.fields, self.limits, entry.deliveries, entry.lane
             )
             if entry.deliveries > self.limits.max_deliveries:
-                letters.append(self._over_delivered(entry, decoded))
+                letters.append(
+                    over_delivered(self.model.name, self.limits.max_deliveries, entry, decoded)
+                )
             elif isinstance(decoded, BadEntry):
-                self._refuse(decoded, answers, letters)
+                refuse(self.model.name, decoded, answers, letters)
             elif decoded.expired():
                 answers.append(
                     outcome_of(
@@ -278,28 +266,6 @@ class Worker:
             self.stats.skipped += 1
             answers.append(Outcome(job.entry_id, job.id, value, job.reply_to, "skipped", job.lane))
         return live
-
-    def _refuse(self, bad: BadEntry, answers: list[Outcome], letters: list[DeadLetter]) -> None:
-        if bad.id is None:
-            reason = bad.error.message
-            letters.append(
-                DeadLetter(bad.entry_id, bad.fields, reason, bad.deliveries, None, bad.lane)
-            )
-            return
-        answers.append(outcome_of(bad, error_result(self.model.name, bad.id, bad.error)))
-
-    def _over_delivered(self, entry: Entry, decoded: Job | BadEntry) -> DeadLetter:
-        """An entry that keeps coming back (it crashed or stalled its replica) is retired."""
-        reason = (
-            f"delivered {entry.deliveries} times, over max_deliveries "
-            f"({self.limits.max_deliveries})"
-        )
-        outcome = None
-        if decoded.id is not None:
-            res = error_result(self.model.name, decoded.id, DeadLettered(reason))
-            outcome = outcome_of(decoded, res)
-        fields, _ = decode_fields(entry.fields)
-        return DeadLetter(entry.entry_id, fields, reason, entry.deliveries, outcome, entry.lane)
 
     # -- run ----------------------------------------------------------------------------------
 
