@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 APT_PACKAGES := redis-server redis-tools
 
-.PHONY: install system-deps demo test test-fast bench bench-compare bench-precision bench-generate lint format clean
+.PHONY: install system-deps demo test test-fast bench bench-compare bench-precision bench-generate bench-scaling lint format clean
 
 install: $(STAMP) system-deps
 
@@ -54,6 +54,11 @@ bench-precision: install
 # Generation: continuous batching vs static generate.
 bench-generate: install
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest.genbench --shape small --repeats 3 --plot
+
+# Autoscaling (issue 7): burst reaction and cold start, then Redis' CPU per job.
+bench-scaling: install
+	HF_HUB_OFFLINE=1 $(PY) -m loadtest.scaling --repeats 3 --plot
+	$(PY) -m loadtest.rediscost --repeats 3
 
 lint: install
 	$(VENV)/bin/ruff check services tests loadtest

@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import shlex
 import statistics as st
 import sys
 import time
@@ -52,6 +50,7 @@ import redis
 from tqdm import tqdm
 
 from loadtest.corpus import sentences
+from loadtest.report import save_repeats
 from loadtest.stack import local_stack, machine, serve_config
 from sluice import admission
 from sluice.protocol import (
@@ -325,18 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_description("stopping")
     bar.close()
     rows = summary(runs)
-    report = {
-        "command": shlex.join(sys.orig_argv),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "seconds": time.time() - started,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(ns).items()},
-        "serve_config": config,
-        "machine": env,
-        "summary": {name: {"median": st.median(v), "runs": v} for name, v in rows},
-        "runs": runs,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    save_repeats(out, ns, started, rows, runs, serve_config=config, machine=env)
     print(
         f"\n{ns.n} jobs, batch {ns.batch_size}, {ns.dtype}, {ns.threads} torch threads, "
         f"{ns.repeats} repeats; {env['cpu']} ({env['cores']} cores), torch {env['torch']}; "

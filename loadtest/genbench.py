@@ -28,8 +28,6 @@ varies with batch shape). Random weights cost exactly what trained ones of that 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics as st
 import sys
 import time
@@ -51,7 +49,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from loadtest.report import _save, machine_info
+from loadtest.report import _save, machine_info, save_repeats
 from sluice.runners.decoding import ContinuousBatcher, GenRequest
 from sluice.runners.loading import resolve_model_path
 
@@ -368,19 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     rows = summary(runs)
     params = sum(p.numel() for p in model.parameters())
-    report: Json = {
-        "command": shlex.join(sys.orig_argv),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "seconds": time.time() - started,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(ns).items()},
-        "model": {"name": ns.model_path or ns.shape, "parameters": params},
-        "machine": machine_info() | {"torch_threads": torch.get_num_threads()},
-        "spot_check": check,
-        "summary": {name: {"median": st.median(v), "runs": v} for name, v in rows},
-        "runs": runs,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    report = save_repeats(
+        out, ns, started, rows, runs, spot_check=check,
+        model={"name": ns.model_path or ns.shape, "parameters": params},
+        machine=machine_info() | {"torch_threads": torch.get_num_threads()},
+    )  # fmt: skip
     if ns.plot:
         plot(runs[-1], out.with_suffix(".png"))
     print(

@@ -37,6 +37,34 @@ def report_dir(name: str, out: Path | None) -> Path:
     return folder
 
 
+def save_repeats(
+    out: Path,
+    ns: Any,
+    started: float,
+    rows: Sequence[tuple[str, Sequence[float]]],
+    runs: Sequence[Json],
+    **extra: Any,
+) -> Json:
+    """Writes the JSON report of a repeated benchmark (drain, scaling, ...): the command, when,
+    its settings, `extra` (machine, config...), each measure's median over `rows`, the runs."""
+    import shlex
+    import statistics
+    import sys
+
+    report = {
+        "command": shlex.join(sys.orig_argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": time.time() - started,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(ns).items()},
+        **extra,
+        "summary": {name: {"median": statistics.median(v), "runs": list(v)} for name, v in rows},
+        "runs": list(runs),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
 def machine_info() -> Json:
     """CPU, cores, load, versions and the git commit: enough to tell two reports apart."""
     import torch

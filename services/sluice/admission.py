@@ -12,15 +12,17 @@ a cancelled job acks it without running it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from sluice import lua
+from sluice.connection import AsyncRedis, cluster_hint
 from sluice.errors import JobCancelled, Overloaded, UnknownModel
 from sluice.protocol import (
     Result,
@@ -50,15 +52,32 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def load_library(redis: aioredis.Redis) -> None:
-    """Loads (or upgrades) the `sluice` Function library; replicas do it at start."""
-    try:
-        version: str | None = _text(await redis.fcall_ro("sluice_version", 0))
-    except ResponseError:
-        version = None  # not loaded yet
-    if version != lua.LIBRARY_VERSION:
+async def load_library(redis: AsyncRedis) -> None:
+    """Loads (or upgrades) the `sluice` Function library; replicas do it at start.
+
+    On a cluster, on every primary: FCALL runs on the node that owns its keys' slot, and
+    redis-py sends FUNCTION LOAD to every primary."""
+    if any(v != lua.LIBRARY_VERSION for v in await _library_versions(redis)):
         await redis.function_load(lua.LIBRARY, replace=True)
         log.info("loaded the sluice function library v%s", lua.LIBRARY_VERSION)
+
+
+async def _library_versions(redis: AsyncRedis) -> list[str | None]:
+    """The library version each primary has loaded (None: not loaded)."""
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()  # the node list; a no-op once known
+        asks: list[Awaitable[Any]] = [
+            redis.execute_command("FCALL_RO", "sluice_version", 0, target_nodes=node)
+            for node in redis.get_primaries()
+        ]
+    else:
+        asks = [redis.fcall_ro("sluice_version", 0)]
+    replies = await asyncio.gather(*asks, return_exceptions=True)
+    for reply in replies:
+        if isinstance(reply, BaseException) and not isinstance(reply, ResponseError):
+            raise reply
+    # A ResponseError: the function does not exist there yet.
+    return [None if isinstance(r, ResponseError) else _text(r) for r in replies]
 
 
 def submit_keys(model: str, priority: str, job_id: str) -> list[str]:
@@ -73,12 +92,22 @@ def submit_keys(model: str, priority: str, job_id: str) -> list[str]:
 
 
 async def submit(
-    redis: aioredis.Redis,
+    redis: AsyncRedis,
     model: str,
     jobs: Sequence[tuple[str, Mapping[str, str]]],
     priority: str = "normal",
 ) -> list[Admitted]:
     """Submits `(id, fields)` pairs through admission, in one round trip."""
+    with cluster_hint():
+        return await _submit(redis, model, jobs, priority)
+
+
+async def _submit(
+    redis: AsyncRedis,
+    model: str,
+    jobs: Sequence[tuple[str, Mapping[str, str]]],
+    priority: str,
+) -> list[Admitted]:
     replies = await _fcall_all(redis, model, jobs, priority)
     if replies and isinstance(replies[0], ResponseError) and "not found" in str(replies[0]):
         # A Redis that restarted empty: load the library and try once more.
@@ -103,7 +132,7 @@ async def submit(
     return out
 
 
-async def _reload_library(redis: aioredis.Redis, model: str, job_id: str) -> None:
+async def _reload_library(redis: AsyncRedis, model: str, job_id: str) -> None:
     try:
         await load_library(redis)
     except NoPermissionError as exc:
@@ -118,16 +147,22 @@ async def _reload_library(redis: aioredis.Redis, model: str, job_id: str) -> Non
 
 
 async def _fcall_all(
-    redis: aioredis.Redis,
+    redis: AsyncRedis,
     model: str,
     jobs: Sequence[tuple[str, Mapping[str, str]]],
     priority: str,
 ) -> list[Any]:
     async with redis.pipeline(transaction=False) as pipe:
+        route: dict[str, Any] = {}
+        if isinstance(redis, RedisCluster):
+            # All on the node of the model's slot, named here: else redis-py asks a node for
+            # each FCALL's keys (COMMAND GETKEYS), a round trip per job. After a MOVED it
+            # routes the call itself.
+            route["target_nodes"] = redis.get_node_from_key(jobs_key(model))
         for job_id, fields in jobs:
             keys = submit_keys(model, priority, job_id)
             args = [x for kv in fields.items() for x in kv]
-            pipe.fcall("sluice_submit", len(keys), *keys, *args)
+            pipe.execute_command("FCALL", "sluice_submit", len(keys), *keys, *args, **route)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
     return replies
 
@@ -147,7 +182,7 @@ def raise_if_rejected(model: str, admitted: Sequence[Admitted]) -> None:
     )
 
 
-async def cancel(redis: aioredis.Redis, model: str, job_id: str, ttl_s: int) -> Result:
+async def cancel(redis: AsyncRedis, model: str, job_id: str, ttl_s: int) -> Result:
     """Cancels a job unless it has a final result already; returns its final result.
 
     An id with no job yet is cancelled all the same: when it arrives it is answered

@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 import redis
+from redis.exceptions import MovedError
 
 from sluice import dlq
 from sluice.client import Client
+from sluice.connection import RedisModeError, SyncRedis, cluster_hint, connect_sync
 from sluice.errors import SluiceError
 from sluice.protocol import (
     GROUP,
@@ -52,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args, settings))
+        with cluster_hint():
+            return int(args.func(args, settings))
     except SluiceError as err:
         print(f"error [{err.code}]: {err.message}", file=sys.stderr)
         return 2
-    except (redis.ConnectionError, ConnectionError, FileNotFoundError, TimeoutError) as err:
+    except (redis.ConnectionError, ConnectionError, FileNotFoundError, TimeoutError,
+            redis.RedisClusterException, RedisModeError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 1
 
@@ -245,8 +249,9 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _redis(args: argparse.Namespace, settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(args.redis_url or settings.redis_url)
+def _redis(args: argparse.Namespace, settings: Settings, **options: Any) -> SyncRedis:
+    return connect_sync(args.redis_url or settings.redis_url, cluster=settings.redis_cluster,
+                        **options)  # fmt: skip
 
 
 def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -273,7 +278,7 @@ def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _chosen(args: argparse.Namespace, client: redis.Redis) -> list[str] | None:
+def _chosen(args: argparse.Namespace, client: SyncRedis) -> list[str] | None:
     if args.all == bool(args.dead_ids):
         raise SystemExit("name dead letter ids, or --all (not both)")
     return dlq.all_ids(client, args.model) if args.all else list(args.dead_ids)
@@ -298,7 +303,7 @@ def cmd_dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    client = redis.Redis.from_url(args.redis_url or settings.redis_url, decode_responses=True)
+    client = _redis(args, settings, decode_responses=True)
     found = {key.split("{", 1)[1].split("}", 1)[0] for key in client.scan_iter("sluice:{*}:jobs")}
     registered: Any = client.smembers(MODELS_KEY)
     models = args.models or sorted(found | set(registered))
@@ -324,16 +329,18 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _safe_status(client: redis.Redis, model: str) -> dict[str, Any]:
+def _safe_status(client: SyncRedis, model: str) -> dict[str, Any]:
     try:
         return model_status(client, model)
+    except MovedError:
+        raise  # not this model's problem: the whole connection is in the wrong mode
     except redis.ResponseError as exc:
         # One model's keys in a bad state must not hide the others.
         return {"model": model, "depth": None, "pending": None, "lag": None,
                 "dead_letters": None, "consumers": [], "error": str(exc)}  # fmt: skip
 
 
-def model_status(client: redis.Redis, model: str) -> dict[str, Any]:
+def model_status(client: SyncRedis, model: str) -> dict[str, Any]:
     """Depth (jobs not yet acked), pending, lag and entries per lane; dead letters, consumers."""
     row: dict[str, Any] = {
         "model": model,
@@ -357,7 +364,7 @@ def model_status(client: redis.Redis, model: str) -> dict[str, Any]:
 
 
 def _lane_status(
-    client: redis.Redis, key: str, consumers: dict[str, dict[str, Any]]
+    client: SyncRedis, key: str, consumers: dict[str, dict[str, Any]]
 ) -> dict[str, int]:
     entries = int(client.xlen(key))
     try:

@@ -26,10 +26,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sluice import admission
+from sluice.connection import AsyncRedis, connect
 from sluice.errors import JobCancelled, JobExpired, ResultTimeout, SluiceError, from_wire
 from sluice.protocol import (
     Result,
@@ -82,15 +82,19 @@ class AsyncClient:
         self,
         redis_url: str | None = None,
         *,
-        redis: aioredis.Redis | None = None,
+        redis: AsyncRedis | None = None,
         recheck_s: float = 2.0,
         admission: bool = True,
+        cluster: bool | None = None,
     ) -> None:
         """`admission=False` submits with plain XADD: no dedupe, no queue bound, no model
-        check (what a raw producer does; for a Redis user without FCALL rights)."""
+        check (what a raw producer does; for a Redis user without FCALL rights).
+        `cluster`: the URL names a Redis Cluster node (default: `SLUICE_REDIS_CLUSTER`)."""
         settings = Settings()
         url = redis_url or settings.redis_url
-        self.redis = redis or aioredis.Redis.from_url(url, socket_connect_timeout=5)
+        cluster = settings.redis_cluster if cluster is None else cluster
+        # No health-check PING: the producer's ACL (docs/security.md) does not allow it.
+        self.redis = redis or connect(url, cluster=cluster, health_check_interval=0)
         self.admission = admission
         self.result_ttl_s = settings.queue.result_ttl_s
         self.client_id = uuid.uuid4().hex
@@ -324,7 +328,12 @@ class Client:
     """The blocking SDK: an `AsyncClient` driven on a private event-loop thread."""
 
     def __init__(
-        self, redis_url: str | None = None, *, recheck_s: float = 2.0, admission: bool = True
+        self,
+        redis_url: str | None = None,
+        *,
+        recheck_s: float = 2.0,
+        admission: bool = True,
+        cluster: bool | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -332,14 +341,15 @@ class Client:
         )
         self._thread.start()
         try:
-            self._async = self._call(self._make(redis_url, recheck_s, admission))
+            options = {"recheck_s": recheck_s, "admission": admission, "cluster": cluster}
+            self._async = self._call(self._make(redis_url, options))
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
 
     @staticmethod
-    async def _make(redis_url: str | None, recheck_s: float, admission: bool) -> AsyncClient:
-        return AsyncClient(redis_url, recheck_s=recheck_s, admission=admission)
+    async def _make(redis_url: str | None, options: dict[str, Any]) -> AsyncClient:
+        return AsyncClient(redis_url, **options)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

@@ -13,9 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from sluice import lua
+from sluice.connection import SyncRedis
 from sluice.protocol import (
     JOB_ID_RE,
     PRIORITIES,
@@ -70,29 +69,29 @@ def _entry(dead_id: Any, fields: dict[Any, Any]) -> DeadEntry:
     return DeadEntry(_text(dead_id), {_text(k): _text(v) for k, v in fields.items()})
 
 
-def count(client: redis.Redis, model: str) -> int:
+def count(client: SyncRedis, model: str) -> int:
     return int(client.xlen(dead_key(model)))
 
 
-def list_entries(client: redis.Redis, model: str, limit: int = 50) -> list[DeadEntry]:
+def list_entries(client: SyncRedis, model: str, limit: int = 50) -> list[DeadEntry]:
     """The newest `limit` dead letters, newest first."""
     rows: Any = client.xrevrange(dead_key(model), count=limit)
     return [_entry(dead_id, fields) for dead_id, fields in rows]
 
 
-def get(client: redis.Redis, model: str, dead_id: str) -> DeadEntry | None:
+def get(client: SyncRedis, model: str, dead_id: str) -> DeadEntry | None:
     rows: Any = client.xrange(dead_key(model), min=dead_id, max=dead_id)
     return _entry(*rows[0]) if rows else None
 
 
-def all_ids(client: redis.Redis, model: str) -> list[str]:
+def all_ids(client: SyncRedis, model: str) -> list[str]:
     ids: list[str] = []
     for dead_id, _ in client.xrange(dead_key(model)):  # type: ignore[union-attr]
         ids.append(_text(dead_id))
     return ids
 
 
-def replay(client: redis.Redis, model: str, dead_ids: Iterable[str]) -> dict[str, str]:
+def replay(client: SyncRedis, model: str, dead_ids: Iterable[str]) -> dict[str, str]:
     """Re-queues dead letters; returns what happened to each: `replayed <new entry id>`,
     `missing`, `answered <status>` or `no usable id`."""
     script = client.register_script(lua.REPLAY)
@@ -117,7 +116,7 @@ def replay(client: redis.Redis, model: str, dead_ids: Iterable[str]) -> dict[str
     return out
 
 
-def purge(client: redis.Redis, model: str, dead_ids: Iterable[str] | None = None) -> int:
+def purge(client: SyncRedis, model: str, dead_ids: Iterable[str] | None = None) -> int:
     """Deletes the given dead letters, or all of them; returns how many went."""
     if dead_ids is None:
         gone = count(client, model)

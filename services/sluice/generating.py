@@ -111,6 +111,7 @@ class ContinuousStage(ModelStage):
         if deltas:
             self._send(Tokens(deltas))
         done = [self._outcome(p) for p in progress if p.finished]
+        self.jobs_run += len(done)
         if done:
             self._send(done)
 

@@ -15,11 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from sluice import lua
 from sluice.admission import load_library
+from sluice.connection import AsyncRedis, ScriptCall, cluster_hint, is_cluster, run_scripts
+from sluice.connection import connect as connect
 from sluice.protocol import (
     GROUP,
     MODELS_KEY,
@@ -71,18 +72,6 @@ class DeadLetter:
     lane: int = NORMAL
 
 
-def connect(url: str, **kwargs: Any) -> aioredis.Redis:
-    """An asyncio client with bytes replies (fields are decoded by the protocol module)."""
-    options: dict[str, Any] = {
-        "decode_responses": False,
-        "socket_connect_timeout": 5,
-        "socket_keepalive": True,
-        "health_check_interval": 30,
-    }
-    options.update(kwargs)
-    return aioredis.Redis.from_url(url, **options)
-
-
 def _id(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
@@ -91,7 +80,7 @@ class StreamQueue:
     """One model's lanes as seen by one consumer (one replica)."""
 
     def __init__(
-        self, redis: aioredis.Redis, model: str, consumer: str, settings: QueueSettings
+        self, redis: AsyncRedis, model: str, consumer: str, settings: QueueSettings
     ) -> None:
         self.redis = redis
         self.model = model
@@ -105,13 +94,15 @@ class StreamQueue:
         self._push_token = redis.register_script(lua.PUSH_TOKEN)
         self._pull = redis.register_script(lua.PULL)
         self._trim = redis.register_script(lua.TRIM)
+        self._finish = redis.register_script(lua.FINISH)
 
     async def ensure_group(self) -> None:
         """Creates the group on every lane at id 0 (never `$`): jobs queued before any
         replica existed are served."""
         for key in self.lanes:
             try:
-                await self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+                with cluster_hint():
+                    await self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
                 log.info("created consumer group %s on %s", GROUP, key)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
@@ -122,10 +113,12 @@ class StreamQueue:
         limits admission reads, and loads the submit library for producers."""
         fields: dict[Any, Any] = {**info, "max_queue_depth": self.settings.max_queue_depth,
                   "result_ttl_s": self.settings.result_ttl_s}  # fmt: skip
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(info_key(self.model), mapping=fields)
-            pipe.sadd(MODELS_KEY, self.model)
-            await pipe.execute()
+        # Not one MULTI: the models set is in a slot of its own on a cluster.
+        with cluster_hint():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(info_key(self.model), mapping=fields)
+                pipe.sadd(MODELS_KEY, self.model)
+                await pipe.execute()
         await load_library(self.redis)
 
     async def pull(self, count: int, block_ms: int | None) -> list[Entry]:
@@ -218,12 +211,7 @@ class StreamQueue:
         """
         if not outcomes:
             return 0
-        ttl = self.settings.result_ttl_s
-        async with self.redis.pipeline(transaction=True) as tx:
-            for o in outcomes:
-                tx.set(result_key(self.model, o.job_id), o.result_json, nx=True, ex=ttl)
-                tx.xack(self.lanes[o.lane], GROUP, o.entry_id)
-            replies = await tx.execute()
+        replies = await self._store_and_ack(outcomes)
         won = replies[0::2]
         acked = replies[1::2]
         pushes = [
@@ -247,15 +235,29 @@ class StreamQueue:
         await self._push_replies(pushes)
         return stored
 
+    async def _store_and_ack(self, outcomes: Sequence[Outcome]) -> list[Any]:
+        """[stored, acked] for each outcome, flattened, from one MULTI or its script twin."""
+        ttl = self.settings.result_ttl_s
+        results = [result_key(self.model, o.job_id) for o in outcomes]
+        if is_cluster(self.redis):
+            args = [x for o in outcomes for x in (o.lane, o.entry_id, o.result_json)]
+            reply: Any = await self._finish(keys=[*self.lanes, *results], args=[GROUP, ttl, *args])
+            return list(reply)
+        async with self.redis.pipeline(transaction=True) as tx:
+            for o, key in zip(outcomes, results, strict=True):
+                tx.set(key, o.result_json, nx=True, ex=ttl)
+                tx.xack(self.lanes[o.lane], GROUP, o.entry_id)
+            return list(await tx.execute())
+
     async def _push_replies(self, owed: Sequence[tuple[str | None, bytes, str]]) -> None:
         pushes = [(reply_to, body, since) for reply_to, body, since in owed if reply_to]
         if not pushes:
             return
         limits = (self.settings.reply_maxlen, self.settings.reply_ttl_s)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for reply_to, body, since in pushes:
-                await self._push_reply(keys=[reply_to], args=[body, *limits, since], client=pipe)
-            results = await pipe.execute(raise_on_error=False)
+        results = await run_scripts(self.redis, [
+            ScriptCall(self._push_reply, [reply_to], [body, *limits, since])
+            for reply_to, body, since in pushes
+        ])  # fmt: skip
         for (reply_to, _, _), res in zip(pushes, results, strict=True):
             if res == 0 or isinstance(res, Exception):
                 # The result is stored and acked either way: a bad reply_to costs only the push.
@@ -268,11 +270,10 @@ class StreamQueue:
         if not deltas:
             return 0
         limits = (self.settings.reply_maxlen, self.settings.reply_ttl_s)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for reply_to, job_id, seq, text, attempt in deltas:
-                args: list[str | int] = [job_id, seq, text, attempt, *limits]
-                await self._push_token(keys=[reply_to], args=args, client=pipe)
-            results = await pipe.execute(raise_on_error=False)
+        results = await run_scripts(self.redis, [
+            ScriptCall(self._push_token, [reply_to], [job_id, seq, text, attempt, *limits])
+            for reply_to, job_id, seq, text, attempt in deltas
+        ])  # fmt: skip
         return sum(1 for res in results if res == 1)
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> int:
@@ -285,20 +286,22 @@ class StreamQueue:
         if not letters:
             return 0
         limits = (GROUP, self.settings.dead_maxlen)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for d in letters:
-                result = d.outcome.result_json if d.outcome is not None else b""
-                key = result_key(self.model, d.outcome.job_id) if d.outcome else self.dead_key
-                # The original fields first; ours after, so they win a name clash.
-                fields = {**d.fields, "reason": d.reason, "deliveries": str(d.deliveries),
-                          "entry_id": d.entry_id, "lane": PRIORITIES[d.lane]}  # fmt: skip
-                pairs = [x for kv in fields.items() for x in kv]
-                await self._dead_letter(
-                    keys=[self.lanes[d.lane], self.dead_key, key],
-                    args=[d.entry_id, *limits, result, self.settings.result_ttl_s, *pairs],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        calls = []
+        for d in letters:
+            result = d.outcome.result_json if d.outcome is not None else b""
+            key = result_key(self.model, d.outcome.job_id) if d.outcome else self.dead_key
+            # The original fields first; ours after, so they win a name clash.
+            fields = {**d.fields, "reason": d.reason, "deliveries": str(d.deliveries),
+                      "entry_id": d.entry_id, "lane": PRIORITIES[d.lane]}  # fmt: skip
+            pairs = [x for kv in fields.items() for x in kv]
+            calls.append(ScriptCall(
+                self._dead_letter, [self.lanes[d.lane], self.dead_key, key],
+                [d.entry_id, *limits, result, self.settings.result_ttl_s, *pairs],
+            ))  # fmt: skip
+        replies = await run_scripts(self.redis, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply  # the worker retries the write (DEAD_LETTER is idempotent)
         stored = [
             (d.outcome.reply_to, d.outcome.result_json, "")
             for d, r in zip(letters, replies, strict=True)

@@ -12,12 +12,15 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 
+from sluice.autoscale import ServiceMeter
 from sluice.queue import StreamQueue, connect
 from sluice.runners import build_runner
 from sluice.settings import ReplicaConfig
@@ -54,38 +57,52 @@ class Replica:
     """Pulls, batches, runs and answers one model's jobs."""
 
     async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
+        # Start-up milestones (epoch ms): the cold-start benchmark splits its time on these.
+        self.lifecycle = {"init_ms": time.time() * 1000}
         self.config = ReplicaConfig.model_validate(config)
         _route_logs(self.config.settings.log_level)
         model = self.config.model
         runner = build_runner(model)
         # Loading takes seconds: off the event loop, so Serve's own calls stay answered.
         await asyncio.to_thread(runner.load)
+        self.lifecycle["loaded_ms"] = time.time() * 1000
         self.consumer = consumer_name()
-        redis = connect(self.config.settings.redis_url)
+        settings = self.config.settings
+        redis = connect(settings.redis_url, cluster=settings.redis_cluster)
         queue = StreamQueue(redis, model.name, self.consumer, self.config.settings.queue)
         self.worker = Worker(queue, runner, model, self.config.settings.queue)
         self.worker.start()
+        self.meter = ServiceMeter(self.worker.work_done)
         try:
             # Registered before Serve calls us ready, so SDK submits are admitted at once.
             await asyncio.wait_for(self.worker.ready.wait(), timeout=15)
         except TimeoutError:
             log.warning("redis unreachable at start; the replica keeps trying")
+        self.lifecycle["ready_ms"] = time.time() * 1000
         log.info("replica %s serving %s (%s)", self.consumer, model.name, runner.describe())
 
     async def check_health(self) -> None:
         self.worker.check_health()
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve hands these to the autoscaling policy (sluice.autoscale.BacklogPolicy)."""
+        return self.meter.report()
+
     async def info(self) -> dict[str, Any]:
         """Facts about this replica: who it is, what it runs, what it has done."""
         return {
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "consumer": self.consumer,
             "model": self.config.model.name,
             "runner": self.worker.runner.describe(),
             "stats": vars(self.worker.stats),
+            "lifecycle": self.lifecycle,
         }
 
     async def __del__(self) -> None:
+        if not hasattr(self, "worker"):
+            return  # stopped while still loading (a downscale before it was ready)
         # Serve waits graceful_shutdown_timeout_s for us; keep a margin under it.
         await self.worker.stop(timeout_s=25.0)
         await self.worker.queue.redis.aclose()

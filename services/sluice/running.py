@@ -146,6 +146,9 @@ class ModelStage:
         self.batches = 0
         self._started_s = 0.0  # monotonic start of the batch running now
         self._forward_s = 0.0  # moving average of a forward pass's duration
+        # Totals for the autoscaler's service rate: jobs answered per second of model time.
+        self.jobs_run = 0
+        self.busy_s = 0.0
         self._emit = emit
         self._queue = RunQueue(prefetch)
 
@@ -171,6 +174,7 @@ class ModelStage:
 
     def _timed(self, started_s: float) -> None:
         took = time.monotonic() - started_s
+        self.busy_s += took
         self._forward_s = took if self._forward_s == 0 else 0.8 * self._forward_s + 0.2 * took
 
     def run_forever(self) -> None:
@@ -204,6 +208,7 @@ class ModelStage:
         finally:
             self.busy = False
             self._timed(self._started_s)
+        self.jobs_run += len(batch.items)
         return out
 
     def _forward(self, batch: Batch) -> list[RunItem]:

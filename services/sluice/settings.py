@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    redis_cluster: bool = Field(
+        False,
+        description="the URL names a node of a Redis Cluster: connect to the whole cluster "
+        "(docs/scaling.md)",
+    )
     log_level: str = "INFO"
     queue: QueueSettings = QueueSettings()
 
@@ -129,8 +134,9 @@ class ReplicaConfig(BaseModel):
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ReplicaConfig:
-        """Builds from a Serve config's `args`: `{model: {...}, queue: {...}, redis_url?}`."""
-        unknown = set(args) - {"model", "queue", "redis_url", "log_level"}
+        """Builds from a Serve config's `args`: `{model: {...}, queue: {...}, redis_url?,
+        redis_cluster?}`."""
+        unknown = set(args) - {"model", "queue", "redis_url", "redis_cluster", "log_level"}
         if unknown:
             raise ValueError(f"unknown application args {sorted(unknown)}")
         overrides = {k: v for k, v in args.items() if k != "model"}

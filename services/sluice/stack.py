@@ -156,6 +156,90 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class LocalRedisCluster:
+    """A Redis Cluster of `masters` cluster-enabled redis-server children on 127.0.0.1 (no
+    replicas), joined by `redis-cli --cluster create`: for the tests and for trying
+    `SLUICE_REDIS_CLUSTER` on one machine (docs/scaling.md). `url` names one node; a
+    cluster client discovers the rest from it. `acl_lines` are applied on every node (ACL
+    users are per node), as by `RedisServer`."""
+
+    def __init__(self, masters: int = 3, *, acl_lines: Sequence[str] = ()) -> None:
+        if masters < 3:
+            raise ValueError(f"redis-cli --cluster create needs 3 masters or more, got {masters}")
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise FileNotFoundError("redis-cli is not installed (it comes with redis-server)")
+        self.cli = cli
+        ports = _distinct_free_ports(2 * masters)
+        # The bus port is chosen too (`cluster-port`, Redis 7): the default, port + 10000,
+        # may be taken, or past 65535 for a high free port.
+        self.servers = [
+            RedisServer(port, extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-port", str(bus), "--cluster-node-timeout", "5000",
+            ), acl_lines=acl_lines)
+            for port, bus in zip(ports[:masters], ports[masters:], strict=True)
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    def url_for(self, user: str | None = None, password: str | None = None) -> str:
+        return self.servers[0].url_for(user, password)
+
+    def start(self, timeout_s: float = 30.0) -> LocalRedisCluster:
+        deadline = time.monotonic() + timeout_s
+        try:
+            for server in self.servers:
+                server.start()
+            nodes = [f"127.0.0.1:{s.port}" for s in self.servers]
+            done = subprocess.run(
+                [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "0",
+                 "--cluster-yes"],
+                capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()),
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}"
+                                   f"{done.stderr[-2000:]}")  # fmt: skip
+            self._wait_ok(deadline)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _wait_ok(self, deadline: float) -> None:
+        # Every node must agree before a client's first slot map is right everywhere.
+        waiting = list(self.servers)
+        while waiting:
+            waiting = [s for s in waiting if not _cluster_ok(s.url)]
+            if waiting and time.monotonic() > deadline:
+                ports = [s.port for s in waiting]
+                raise TimeoutError(f"redis cluster nodes {ports} not cluster_state:ok in time")
+            if waiting:
+                time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        for server in self.servers:
+            server.cleanup()
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _cluster_ok(url: str) -> bool:
+    with redis.Redis.from_url(url, socket_connect_timeout=1) as client:
+        # The raw reply: redis-py parses `client.cluster("INFO")` into a dict.
+        info: Any = client.execute_command("CLUSTER", "INFO")
+    return b"cluster_state:ok" in info
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """A Serve config file (the same YAML `serve run` takes), validated by Serve's schema."""
     from ray.serve.schema import ServeDeploySchema

@@ -110,6 +110,10 @@ class Worker:
         self._stats.batches = self._stage.batches
         return self._stats
 
+    def work_done(self) -> tuple[int, float]:
+        """Jobs the model has answered and the seconds it spent on them (for autoscaling)."""
+        return self._stage.jobs_run, self._stage.busy_s
+
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -87,3 +87,25 @@ def _replicas(app: str) -> dict[str, int]:
 
 def _consumers(r: Any, model: str) -> set[str]:
     return {c["name"].decode() for c in r.xinfo_consumers(jobs_key(model), GROUP)}
+
+
+def test_rolling_update_with_thousands_queued(r, deploy, model_name, tiny_bert):
+    """A changed config deployed while 12,000 jobs wait and a replica is
+    mid-batch. The old replica finishes what it pulled and leaves; the new one takes the rest."""
+    reply = f"sluice:reply:{model_name}"
+    queue = {"reply_maxlen": 50_000}  # every answer kept on the reply stream, to count them
+    handle = deploy(model_name, tiny_bert, max_batch_size=32, queue=queue)
+    old = handle.info.remote().result(timeout_s=30)
+    texts = [f"job number {i} of the rolling update" for i in range(12_000)]
+    ids = xadd_jobs(r, model_name, texts, reply_to=reply)
+    wait_for(lambda: r.xlen(reply) >= 1000, 60, what="the old replica well under way")
+    handle = deploy(model_name, tiny_bert, max_batch_size=16, queue=queue)
+    new = handle.info.remote().result(timeout_s=30)
+    assert new["pid"] != old["pid"]
+    assert r.xlen(reply) < len(ids), "the update landed with jobs still queued"
+
+    check_exactly_once(r, model_name, ids, reply_streams=[reply], expect_status="ok")
+    stats = handle.info.remote().result(timeout_s=30)["stats"]
+    assert 0 < stats["ok"] < len(ids)  # both served
+    assert stats["reclaimed"] == stats["duplicates"] == 0
+    assert _consumers(r, model_name) <= {new["consumer"]}

@@ -58,3 +58,18 @@ def test_loadtest_open_and_closed_loops_answer_every_job(
     _check_report(closed, {"sluice-xadd", "bare"})
     comparison = json.loads((closed / "report.json").read_text())["comparison"]
     assert set(comparison["targets"]) == {"sluice-xadd", "bare"}
+
+
+def test_rediscost_measures_every_phase(tmp_path):
+    """The Redis-cost benchmark on its own redis-server: each phase measured, all jobs served."""
+    from loadtest.rediscost import main as rediscost
+
+    out = tmp_path / "cost.json"
+    assert rediscost(["--jobs", "600", "--repeats", "1", "--encoding", "base64", "--out",
+                      str(out)]) == 0  # fmt: skip
+    summary = json.loads(out.read_text())["summary"]
+    for key in ("submit_raw_us", "submit_admitted_us", "serve_us", "total_us"):
+        assert summary[key]["median"] >= 0, key
+    # 384 float32 as base64 (2,048 characters) plus the id, status and timings.
+    assert 2048 < summary["result_bytes"]["median"] < 2600
+    assert summary["jobs_per_s_per_core"]["median"] > 0

@@ -19,7 +19,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError
 from sluice import Client, UnknownModel
 from sluice.protocol import dead_key, jobs_key, result_key
 from sluice.stack import RedisServer, TlsFiles
-from tests.acl_docs import DOC, PRODUCER, WORKER, doc_acl_lines
+from tests.acl_docs import DOC, PRODUCER, SCALER, WORKER, doc_acl_lines
 from tests.conftest import PASSWORDS
 from tests.helpers import dead_letters, group_pending, wait_for
 
@@ -46,7 +46,7 @@ def test_the_redis_conf_form_grants_the_same_rights():
     in_acl = {
         w[2]: rights(w) for line in doc_acl_lines(PASSWORDS) if (w := line.split())[3] == "reset"
     }
-    assert set(in_acl) == {WORKER, PRODUCER}
+    assert set(in_acl) == {WORKER, PRODUCER, SCALER}
     for user, granted in in_acl.items():
         assert in_conf[user] == granted, user
 

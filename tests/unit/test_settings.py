@@ -30,6 +30,18 @@ def test_application_args_override_defaults_and_keep_env(monkeypatch):
     assert config.settings.redis_url == "redis://from-env:6379/0"
 
 
+def test_redis_cluster_comes_from_env_or_application_args(monkeypatch):
+    monkeypatch.delenv("SLUICE_REDIS_CLUSTER", raising=False)
+    assert Settings().redis_cluster is False
+    monkeypatch.setenv("SLUICE_REDIS_CLUSTER", "true")
+    assert Settings().redis_cluster is True
+    monkeypatch.delenv("SLUICE_REDIS_CLUSTER")
+    config = ReplicaConfig.from_args({"model": {"name": "m1"}, "redis_cluster": True})
+    assert config.settings.redis_cluster is True
+    with pytest.raises(ValidationError):
+        Settings(redis_cluster="sometimes")
+
+
 @pytest.mark.parametrize(
     "args",
     [

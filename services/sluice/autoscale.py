@@ -1,0 +1,387 @@
+"""Backlog-driven autoscaling: as many replicas as it takes to drain the queue in time.
+
+Serve's default policy counts requests in flight at handles, which pulled jobs never are. This
+policy runs in the Serve controller (`autoscaling_config.policy.policy_function:
+sluice.autoscale:BacklogPolicy`) and decides from what matters for a queue:
+
+- the backlog, read from Redis by a daemon thread every `poll_interval_s` (XINFO GROUPS lag +
+  pending over every lane, the age of the oldest job), so the controller's event loop never
+  waits on Redis, and so it works at zero replicas, when nobody reports anything;
+- the arrival rate, from the group's counters (entries read + lag = entries ever added);
+- each replica's service rate, which replicas report through Serve's
+  `record_autoscaling_stats` (`ServiceMeter` below): the throughput they reach while jobs wait
+  (so they are saturated) is what one replica can do.
+
+    desired = ceil((arrival rate + backlog / target_drain_s) / (service rate * utilization))
+
+Serve then applies min/max replicas and its up/down delays (`downscale_to_zero_delay_s` is the
+idle period before zero); a job arriving at zero replicas starts one at once. docs/scaling.md
+explains the choices and the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.cluster import RedisCluster
+
+from sluice.protocol import GROUP, lane_keys
+
+log = logging.getLogger(__name__)
+
+#: A snapshot older than this many poll intervals is not trusted: hold the replica count.
+STALE_POLLS = 10
+
+Connect = Callable[[], "redis.Redis | RedisCluster"]
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """One model's queue at one moment, summed over its lanes."""
+
+    waiting: int  # not yet delivered to any replica (the groups' lag)
+    in_flight: int  # delivered, not yet acked (pending)
+    added: int  # entries ever added (a counter: its slope is the arrival rate)
+    oldest_age_s: float  # age of the oldest job waiting or in flight; 0 when none
+    read_at: float  # time.monotonic() of the read
+
+    @property
+    def total(self) -> int:
+        return self.waiting + self.in_flight
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the feed knows of one model: its backlog, arrivals, and for how long jobs have
+    been waiting without a break (so: for how long the replicas have been saturated)."""
+
+    backlog: Backlog
+    arrival_rate: float
+    backlogged_s: float
+
+
+def _ms_of(entry_id: str | bytes | None) -> int | None:
+    if not entry_id:
+        return None
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
+
+
+def read_backlog(client: redis.Redis | RedisCluster, model: str) -> Backlog:
+    """Reads one model's backlog: two round trips, keys of one slot (cluster-safe)."""
+    lanes = lane_keys(model)
+    with client.pipeline(transaction=False) as pipe:
+        for key in lanes:
+            pipe.xinfo_groups(key)
+            pipe.xpending(key, GROUP)
+            pipe.xlen(key)
+        replies = pipe.execute(raise_on_error=False)
+    total = _Lane()
+    after: list[tuple[str, str]] = []  # (lane, exclusive start) where undelivered jobs wait
+    for i, key in enumerate(lanes):
+        lane = _Lane.parse(*replies[3 * i : 3 * i + 3])
+        total.add(lane)
+        if lane.waiting and lane.start:
+            after.append((key, lane.start))
+    if after:
+        with client.pipeline(transaction=False) as pipe:
+            for key, start in after:
+                pipe.xrange(key, min=start, max="+", count=1)
+            for rows in pipe.execute(raise_on_error=False):
+                if not isinstance(rows, Exception) and rows and (ms := _ms_of(rows[0][0])):
+                    total.oldest.append(ms)
+    oldest = min(total.oldest, default=None)
+    age = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
+    return Backlog(total.waiting, total.in_flight, total.added, age, time.monotonic())
+
+
+class _Lane:
+    """One lane's share of the backlog, from its XINFO GROUPS, XPENDING and XLEN replies."""
+
+    def __init__(self) -> None:
+        self.waiting = self.in_flight = self.added = 0
+        self.oldest: list[int] = []  # ms of the oldest pending entry
+        self.start = ""  # where XRANGE finds the oldest undelivered entry
+
+    def add(self, other: _Lane) -> None:
+        self.waiting += other.waiting
+        self.in_flight += other.in_flight
+        self.added += other.added
+        self.oldest += other.oldest
+
+    @classmethod
+    def parse(cls, groups: Any, pending: Any, length: Any) -> _Lane:
+        lane = cls()
+        if isinstance(groups, Exception):  # no stream yet: nothing queued on this lane
+            return lane
+        if isinstance(length, Exception):
+            raise length  # e.g. NOPERM: the poller logs it and keeps trying
+        group = next((g for g in groups if str(g["name"]) == GROUP), None)
+        if group is None:  # no replica ever started: every entry waits
+            lane.waiting = lane.added = int(length or 0)
+            lane.start = "-"
+            return lane
+        lag = group.get("lag")
+        # Redis reports no lag after some deletions: XLEN minus pending bounds it from above.
+        lane.waiting = int(lag) if lag is not None else max(0, int(length) - int(group["pending"]))
+        lane.in_flight = int(group["pending"])
+        lane.added = int(group.get("entries-read") or 0) + lane.waiting
+        lane.start = f"({group['last-delivered-id']}"
+        if not isinstance(pending, Exception) and (ms := _ms_of(pending.get("min"))):
+            lane.oldest.append(ms)
+        return lane
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """The policy's knobs (`policy_kwargs`), validated once."""
+
+    target_drain_s: float = 10.0
+    utilization: float = 0.8
+    hysteresis: float = 0.25
+    default_rate: float = 50.0
+
+    def __post_init__(self) -> None:
+        if self.target_drain_s <= 0 or self.default_rate <= 0:
+            raise ValueError("target_drain_s and default_rate must be > 0")
+        if not 0 < self.utilization <= 1:
+            raise ValueError("utilization must be in (0, 1]")
+        if self.hysteresis < 0:
+            raise ValueError("hysteresis must be >= 0")
+
+
+def desired_replicas(
+    backlog: Backlog, arrival_rate: float, service_rate: float, current: int, t: Targets
+) -> int:
+    """Replicas that serve the arrivals and drain the backlog within `target_drain_s`.
+
+    Up at once when the work needs more than `current`; down only when the work would fit
+    with `hysteresis` replicas to spare, so a load near a boundary does not flap. Zero only
+    when nothing waits, nothing runs and nothing arrives.
+    """
+    if backlog.total == 0 and arrival_rate < 1e-3:
+        return 0
+    work = arrival_rate + backlog.total / t.target_drain_s  # jobs/s to serve
+    need = work / (service_rate * t.utilization)
+    up = max(1, math.ceil(need))
+    if up > current:
+        return up
+    if current > 0 and backlog.oldest_age_s > t.target_drain_s and backlog.waiting > 0:
+        # Jobs already wait longer than the target: the rate estimate is optimistic.
+        return current + 1
+    return min(current, max(1, math.ceil(need + t.hysteresis)))
+
+
+class RateWindow:
+    """The slope of the `added` counter over the last `window_s`: jobs arriving per second."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._points: deque[tuple[float, int]] = deque()
+
+    def add(self, at: float, added: int) -> None:
+        if self._points and added < self._points[-1][1]:
+            self._points.clear()  # the stream was recreated: its counter restarted
+        self._points.append((at, added))
+        while len(self._points) > 2 and at - self._points[1][0] >= self.window_s:
+            self._points.popleft()
+
+    def rate(self) -> float:
+        if len(self._points) < 2:
+            return 0.0
+        (t0, a0), (t1, a1) = self._points[0], self._points[-1]
+        return (a1 - a0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class BacklogPolicy:
+    """The Serve autoscaling policy: instantiated once per deployment with `policy_kwargs`,
+    called every control-loop tick with an `AutoscalingContext`."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        redis_url: str | None = None,
+        redis_cluster: bool = False,
+        target_drain_s: float = 10.0,
+        utilization: float = 0.8,
+        hysteresis: float = 0.25,
+        default_rate: float = 50.0,
+        poll_interval_s: float = 0.5,
+    ) -> None:
+        self.model = model
+        self.redis_url = redis_url
+        self.redis_cluster = redis_cluster
+        self.targets = Targets(target_drain_s, utilization, hysteresis, default_rate)
+        self.poll_interval_s = poll_interval_s
+        self._rate = default_rate  # jobs/s per replica: the policy's current estimate
+        self._measured = False  # whether _rate was measured on saturated replicas
+        self._feed: BacklogFeed | None = None
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        state = dict(ctx.policy_state)
+        if self._feed is None:
+            connect = client_factory(self.redis_url, self.redis_cluster)
+            self._feed = BacklogFeed(connect, self.model or ctx.app_name, self.poll_interval_s)
+        snap = self._feed.latest()
+        if snap is None:
+            return ctx.target_num_replicas, state  # nothing fresh known: change nothing
+        self._rate = self._capacity(ctx, snap)
+        desired = desired_replicas(snap.backlog, snap.arrival_rate, self._rate,
+                                   ctx.current_num_replicas, self.targets)  # fmt: skip
+        state["sluice"] = {
+            "backlog": snap.backlog.total,
+            "waiting": snap.backlog.waiting,
+            "arrival_rate": round(snap.arrival_rate, 2),
+            "service_rate": round(self._rate, 2),
+            "oldest_age_s": round(snap.backlog.oldest_age_s, 2),
+            "desired": desired,
+        }
+        return desired, state
+
+    def _capacity(self, ctx: Any, snap: Snapshot) -> float:
+        """Jobs per second one replica can serve.
+
+        What replicas did while jobs waited for the whole look-back window is what they can
+        do: their throughput then (a mean over that window) is the measure. Until such a window
+        has been seen, the default, capped by the model-time rate they report (which leaves
+        out tokenizing and Redis, so it only bounds the capacity from above).
+        """
+        metrics = ctx.aggregated_metrics or {}
+        if snap.backlogged_s >= ctx.config.look_back_period_s and ctx.current_num_replicas:
+            if (seen := _median(metrics.get("throughput"))) is not None:
+                self._measured = True
+                return seen
+        if self._measured:
+            return self._rate
+        model_rate = _median(metrics.get("service_rate"))
+        default = self.targets.default_rate
+        return min(default, model_rate) if model_rate is not None else default
+
+
+def _median(per_replica: Mapping[Any, float] | None) -> float | None:
+    """The median of the replicas' positive reports; None when none reported."""
+    values = [v for v in (per_replica or {}).values() if v > 0]
+    return statistics.median(values) if values else None
+
+
+class BacklogFeed:
+    """A daemon thread that keeps the latest backlog and arrival rate of one model.
+
+    The thread holds only the shared slot, never the feed or the policy, so when the controller
+    drops the policy (a config change) the finalizer stops the thread.
+    """
+
+    def __init__(self, connect: Connect, model: str, interval_s: float) -> None:
+        self.model = model
+        self.interval_s = interval_s
+        self._slot = _Slot()
+        threading.Thread(
+            target=_poll,
+            args=(self._slot, connect, model, interval_s),
+            name=f"sluice-backlog-{model}",
+            daemon=True,
+        ).start()
+        weakref.finalize(self, self._slot.stop.set)
+
+    def latest(self) -> Snapshot | None:
+        with self._slot.lock:
+            latest = self._slot.latest
+        stale = STALE_POLLS * self.interval_s
+        if latest is None or time.monotonic() - latest.backlog.read_at > stale:
+            return None
+        return latest
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latest: Snapshot | None = None
+        self.stop = threading.Event()
+
+
+def _poll(slot: _Slot, connect: Connect, model: str, interval_s: float) -> None:
+    window = RateWindow()
+    client: redis.Redis | RedisCluster | None = None
+    failing = False
+    waiting_since: float | None = None
+    while not slot.stop.is_set():
+        try:
+            client = client or connect()
+            backlog = read_backlog(client, model)
+            window.add(backlog.read_at, backlog.added)
+            if not backlog.waiting:
+                waiting_since = None
+            elif waiting_since is None:
+                waiting_since = backlog.read_at
+            backlogged_s = backlog.read_at - waiting_since if waiting_since is not None else 0.0
+            with slot.lock:
+                slot.latest = Snapshot(backlog, window.rate(), backlogged_s)
+            if failing:
+                log.info("backlog of %s readable again", model)
+            failing = False
+        except Exception as exc:  # a dead poller would freeze the replica count: never die
+            if not failing:
+                log.warning("cannot read the backlog of %s: %r", model, exc)
+            failing, client = True, None
+        slot.stop.wait(interval_s)
+    if client is not None:
+        client.close()
+
+
+def client_factory(url: str | None, cluster: bool) -> Connect:
+    """The URL and cluster flag given, else the controller's environment: the read-only
+    scaler user's SLUICE_SCALER_REDIS_URL (docs/security.md), else the replicas' URL."""
+    env = os.environ
+    url = url or env.get("SLUICE_SCALER_REDIS_URL") or env.get("SLUICE_REDIS_URL")
+    url = url or "redis://127.0.0.1:6379/0"
+    cluster = cluster or os.environ.get("SLUICE_REDIS_CLUSTER", "").lower() in {"1", "true", "yes"}
+    options: dict[str, Any] = {"decode_responses": True, "socket_timeout": 5,
+                               "socket_connect_timeout": 5}  # fmt: skip
+
+    def connect() -> redis.Redis | RedisCluster:
+        if cluster:
+            return RedisCluster.from_url(url, **options)
+        return redis.Redis.from_url(url, **options)
+
+    return connect
+
+
+class ServiceMeter:
+    """What a replica reports to the policy (Serve calls `report` every few seconds):
+
+    - `throughput`: jobs answered per second since the last report;
+    - `service_rate`: jobs per second of model time (an idle replica still reports what its
+      model could do);
+    - `utilization`: the share of the time the model was busy.
+    """
+
+    def __init__(self, read: Callable[[], tuple[int, float]]) -> None:
+        self._read = read
+        self._jobs, self._busy_s = read()
+        self._at = time.monotonic()
+        self.rate = 0.0
+
+    def report(self) -> dict[str, float]:
+        jobs, busy_s = self._read()
+        now = time.monotonic()
+        d_jobs, d_busy, d_wall = jobs - self._jobs, busy_s - self._busy_s, now - self._at
+        self._jobs, self._busy_s, self._at = jobs, busy_s, now
+        if d_jobs > 0 and d_busy > 0:
+            rate = d_jobs / d_busy
+            self.rate = rate if self.rate == 0 else 0.5 * self.rate + 0.5 * rate
+        return {
+            "throughput": d_jobs / d_wall if d_wall > 0 else 0.0,
+            "service_rate": self.rate,
+            "utilization": min(1.0, d_busy / d_wall) if d_wall > 0 else 0.0,
+        }

@@ -1,0 +1,145 @@
+"""Backlog-driven autoscaling on a real Ray Serve: the backlog as the policy reads it, a burst
+that scales 1 → 2 → 1, and scale to zero and back from it. Each test records the replica-count
+timeline and asserts on it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from ray import serve
+
+from sluice.autoscale import read_backlog
+from sluice.protocol import GROUP, jobs_key
+from tests.conftest import MINILM
+from tests.helpers import wait_all_results, wait_for, xadd_jobs
+
+pytestmark = pytest.mark.integration
+
+POLICY = "sluice.autoscale:BacklogPolicy"
+
+
+def autoscaling(model: str, **config: Any) -> dict[str, Any]:
+    """An autoscaling_config with Sluice's policy, quick to react (test timescales)."""
+    kwargs = {"model": model, "target_drain_s": 1.0, "poll_interval_s": 0.2, "default_rate": 200.0}
+    return {
+        "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
+        "upscale_delay_s": 0.0, "downscale_delay_s": 2.0,
+        # Replicas push their reports this often (Serve's field, deprecated in name only).
+        "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
+        "policy": {"policy_function": POLICY, "policy_kwargs": kwargs},
+        **config,
+    }  # fmt: skip
+
+
+class Timeline:
+    """One app's replica counts over time, polled from `serve.status()` in a thread."""
+
+    def __init__(self, app: str, interval_s: float = 0.1) -> None:
+        self.app = app
+        self.interval_s = interval_s
+        self.points: list[tuple[float, int, int]] = []  # (monotonic, running, all replicas)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Timeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            app = serve.status().applications.get(self.app)
+            if app is not None and "Replica" in app.deployments:
+                states = app.deployments["Replica"].replica_states
+                self.points.append((time.monotonic(), states.get("RUNNING", 0),
+                                    sum(states.values())))  # fmt: skip
+            self._stop.wait(self.interval_s)
+
+    def running(self) -> list[int]:
+        """The running counts, consecutive repeats collapsed: e.g. [1, 2, 1]."""
+        seq: list[int] = []
+        for _, running, _ in self.points:
+            if not seq or seq[-1] != running:
+                seq.append(running)
+        return seq
+
+    def first(self, when: Callable[[int, int], bool], after: float = 0.0) -> float | None:
+        """The time of the first point after `after` where `when(running, all)` holds."""
+        return next((t for t, n, total in self.points if t >= after and when(n, total)), None)
+
+    def wait(
+        self, when: Callable[[int, int], bool], timeout_s: float, what: str, after: float = 0.0
+    ) -> float:
+        return wait_for(lambda: self.first(when, after), timeout_s, 0.1, what)
+
+
+def test_read_backlog_sees_every_lane_as_the_read_only_scaler(r, scaler_url, model_name):
+    scaler = redis.Redis.from_url(scaler_url, decode_responses=True)
+    # No group yet (no replica ever ran): everything queued waits.
+    xadd_jobs(r, model_name, ["a", "b", "c"])
+    fresh = read_backlog(scaler, model_name)
+    assert (fresh.waiting, fresh.in_flight, fresh.added) == (3, 0, 3)
+    assert fresh.oldest_age_s >= 0
+    # A group; three entries delivered (in flight), and two more on the high lane.
+    for priority in ("high", "normal", "low"):
+        r.xgroup_create(jobs_key(model_name, priority), GROUP, id="0", mkstream=True)
+    r.xreadgroup(GROUP, "c1", {jobs_key(model_name): ">"}, count=2)
+    high = jobs_key(model_name, "high")
+    for text in ("x", "y"):
+        r.xadd(high, {"id": f"h-{text}", "input": orjson.dumps({"text": text})})
+    time.sleep(0.05)
+    seen = read_backlog(scaler, model_name)
+    assert (seen.waiting, seen.in_flight, seen.total, seen.added) == (3, 2, 5, 5)
+    assert seen.oldest_age_s >= 0.05  # the first "a", delivered and still pending
+    assert not [e for e in r.acl_log() if e["username"] == "sluice-scaler"]
+
+
+def test_a_burst_scales_up_to_two_replicas_and_back_down(r, deploy, model_name):
+    # The real MiniLM on one thread: a burst takes long enough to drain that the second
+    # replica's start (seconds) is worth it; the tiny model drains it first.
+    deploy(model_name, MINILM, autoscaling=autoscaling(model_name), max_batch_size=16)
+    with Timeline(model_name) as timeline:
+        timeline.wait(lambda n, _: n == 1, 30, "one replica running")
+        burst_at = time.monotonic()
+        ids = xadd_jobs(
+            r, model_name, [f"a burst of sentences, this one number {i}" for i in range(2000)]
+        )
+        up_at = timeline.wait(lambda n, _: n == 2, 60, "a second replica")
+        results = wait_all_results(r, model_name, ids, timeout_s=180)
+        drained_at = time.monotonic()
+        down_at = timeline.wait(lambda n, t: n == t == 1, 60, "back to one", after=up_at)
+    assert all(res["status"] == "ok" for res in results.values())
+    assert timeline.running()[:3] == [1, 2, 1], timeline.running()
+    assert burst_at < up_at < drained_at < down_at
+    print(f"burst -> 2 running: {up_at - burst_at:.1f}s; drained {drained_at - burst_at:.1f}s")
+
+
+def test_idle_goes_to_zero_and_a_job_brings_a_replica_back(r, deploy, tiny_bert, model_name):
+    # Queued before the deployment exists: the first replica starts and answers it...
+    [first] = xadd_jobs(r, model_name, ["queued before any replica"], prefix="early")
+    config = autoscaling(model_name, min_replicas=0, downscale_to_zero_delay_s=2.0)
+    deploy(model_name, tiny_bert, autoscaling=config)
+    with Timeline(model_name) as timeline:
+        assert wait_all_results(r, model_name, [first], timeout_s=60)[first]["status"] == "ok"
+        answered_first = time.monotonic()
+        # ...then, idle, it goes away; and a job arriving at zero replicas starts one.
+        timeline.wait(lambda n, t: t == 0, 60, "zero replicas once idle", after=answered_first)
+        submitted = time.monotonic()
+        [job] = xadd_jobs(r, model_name, ["wake up"], prefix="cold")
+        result = wait_all_results(r, model_name, [job], timeout_s=60)[job]
+        answered = time.monotonic()
+        # The replica pulls as soon as its model is loaded, before Serve counts it RUNNING.
+        back = timeline.wait(lambda n, _: n == 1, 30, "the replica RUNNING", after=submitted)
+    assert result["status"] == "ok"
+    assert timeline.running()[-3:] == [1, 0, 1], timeline.running()
+    print(f"cold start: answered after {answered - submitted:.1f}s, "
+          f"replica RUNNING after {back - submitted:.1f}s")  # fmt: skip
