@@ -5,9 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-APT_PACKAGES := redis-server redis-tools
+# prometheus: promtool and a real Prometheus for the monitoring/ tests (docs/metrics.md).
+APT_PACKAGES := redis-server redis-tools prometheus
 
-.PHONY: install system-deps demo test test-fast bench bench-compare bench-precision bench-generate bench-scaling lint format clean
+.PHONY: install system-deps demo test test-fast bench bench-compare bench-precision bench-generate bench-scaling bench-metrics lint format clean
 
 install: $(STAMP) system-deps
 
@@ -20,13 +21,14 @@ $(STAMP): pyproject.toml
 	touch $@
 
 system-deps:
-	@missing=""; for bin in redis-server redis-cli; do \
+	@missing=""; for bin in redis-server redis-cli prometheus promtool; do \
 	  command -v $$bin >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing $(APT_PACKAGES) with apt-get"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    $(APT_PACKAGES) >/dev/null; \
 	fi
 
 demo: install
@@ -59,6 +61,10 @@ bench-generate: install
 bench-scaling: install
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest.scaling --repeats 3 --plot
 	$(PY) -m loadtest.rediscost --repeats 3
+
+# What metrics cost (issue 8): a replica with metrics on vs off, alternating, in one run.
+bench-metrics: install
+	HF_HUB_OFFLINE=1 $(PY) -m loadtest.metricscost --repeats 5
 
 lint: install
 	$(VENV)/bin/ruff check services tests loadtest

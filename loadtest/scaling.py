@@ -44,7 +44,7 @@ from tqdm import tqdm
 from loadtest.corpus import sentences
 from loadtest.report import machine_info, save_repeats
 from loadtest.stack import local_stack
-from sluice.autoscale import read_backlog
+from sluice.backlog import read_backlog
 from sluice.protocol import jobs_key, result_key
 
 ROOT = Path(__file__).resolve().parents[1]

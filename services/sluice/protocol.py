@@ -66,6 +66,12 @@ def dead_key(model: str) -> str:
     return f"sluice:{{{model}}}:dead"
 
 
+def stats_key(model: str) -> str:
+    """A model's counters kept by Redis itself (hash): `rejected`, the submits that admission
+    refused (the `sluice_submit` function counts them; `sluice exporter` reads them)."""
+    return f"sluice:{{{model}}}:stats"
+
+
 def reply_key(client_id: str) -> str:
     """The reply stream of one SDK client (its own slot in a cluster)."""
     return f"sluice:reply:{{{client_id}}}"

@@ -58,6 +58,11 @@ class Outcome:
     reply_to: str | None = None
     status: str = "ok"
     lane: int = NORMAL
+    # For metrics only (never written): the error code, when the job was enqueued (ms), and
+    # the result's timings.
+    code: str = ""
+    enqueued_ms: float = 0.0
+    timings: dict[str, float] | None = None
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve import Application
 
 from sluice.autoscale import ServiceMeter
+from sluice.metrics import Metrics, RayMetrics
 from sluice.queue import StreamQueue, connect
 from sluice.runners import build_runner
 from sluice.settings import ReplicaConfig
@@ -70,8 +71,17 @@ class Replica:
         settings = self.config.settings
         redis = connect(settings.redis_url, cluster=settings.redis_cluster)
         queue = StreamQueue(redis, model.name, self.consumer, self.config.settings.queue)
-        self.worker = Worker(queue, runner, model, self.config.settings.queue)
+        metrics = RayMetrics(model.name) if settings.metrics else Metrics()
+        precision = getattr(runner, "precision", None)
+        load_s = (self.lifecycle["loaded_ms"] - self.lifecycle["init_ms"]) / 1000
+        metrics.loaded(load_s, runner.task, precision.dtype if precision else "fp32", model.device)
+        self.worker = Worker(queue, runner, model, self.config.settings.queue, metrics)
         self.worker.start()
+        self._gpu_task = (
+            asyncio.get_running_loop().create_task(_sample_gpu(metrics, model.device))
+            if settings.metrics and model.device.startswith("cuda")
+            else None
+        )
         self.meter = ServiceMeter(self.worker.work_done)
         try:
             # Registered before Serve calls us ready, so SDK submits are admitted at once.
@@ -103,9 +113,22 @@ class Replica:
     async def __del__(self) -> None:
         if not hasattr(self, "worker"):
             return  # stopped while still loading (a downscale before it was ready)
+        if self._gpu_task is not None:
+            self._gpu_task.cancel()
         # Serve waits graceful_shutdown_timeout_s for us; keep a margin under it.
         await self.worker.stop(timeout_s=25.0)
         await self.worker.queue.redis.aclose()
+
+
+async def _sample_gpu(metrics: Metrics, device: str, every_s: float = 5.0) -> None:
+    """GPU memory and utilisation into the metrics, every few seconds, for the replica's life."""
+    while True:
+        try:
+            metrics.gpu(device)
+        except Exception as exc:  # a metric must never take the replica down
+            log.warning("GPU metrics unavailable (%r); not sampled again", exc)
+            return
+        await asyncio.sleep(every_s)
 
 
 def build_app(args: dict[str, Any]) -> Application:

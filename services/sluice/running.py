@@ -69,7 +69,10 @@ RunItem = Ran | list[Outcome] | Retry
 
 
 def outcome_of(job: Job | BadEntry, result: Result) -> Outcome:
-    return Outcome(job.entry_id, result.id, result.to_json(), job.reply_to, result.status, job.lane)
+    code = result.error["code"] if result.error else ""
+    enqueued_ms = float(job.enqueued_ms) if isinstance(job, Job) else 0.0
+    return Outcome(job.entry_id, result.id, result.to_json(), job.reply_to, result.status,
+                   job.lane, code, enqueued_ms, result.timings)  # fmt: skip
 
 
 def failed(model: str, job: Job, err: SluiceError) -> Outcome:
@@ -138,8 +141,10 @@ class ModelStage:
         emit: Callable[[RunItem], None],
         *,
         encode_inline: bool = False,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
         self.runner = runner
+        self.on_batch = on_batch  # (jobs, padded tokens) of each batch run, for metrics
         self.encode_inline = encode_inline
         self.model = model
         self.busy = False
@@ -230,6 +235,8 @@ class ModelStage:
             ]
         done_ms = time.time() * 1000
         self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(len(batch.items), batch.padded_tokens)
         log.debug(
             "batch of %d (%d padded tokens) in %.1f ms",
             len(batch.items),

@@ -121,6 +121,9 @@ class Settings(BaseSettings):
         "(docs/scaling.md)",
     )
     log_level: str = "INFO"
+    metrics: bool = Field(
+        True, description="replicas record Prometheus metrics (docs/metrics.md); false: none"
+    )
     queue: QueueSettings = QueueSettings()
 
 
@@ -136,7 +139,8 @@ class ReplicaConfig(BaseModel):
     def from_args(cls, args: dict[str, Any]) -> ReplicaConfig:
         """Builds from a Serve config's `args`: `{model: {...}, queue: {...}, redis_url?,
         redis_cluster?}`."""
-        unknown = set(args) - {"model", "queue", "redis_url", "redis_cluster", "log_level"}
+        allowed = {"model", "queue", "redis_url", "redis_cluster", "log_level", "metrics"}
+        unknown = set(args) - allowed
         if unknown:
             raise ValueError(f"unknown application args {sorted(unknown)}")
         overrides = {k: v for k, v in args.items() if k != "model"}

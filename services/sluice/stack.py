@@ -267,8 +267,12 @@ class LocalStack:
         redis_url: str,
         num_cpus: int | None = None,
         ready_timeout_s: float = 300.0,
+        metrics_port: int | None = None,
     ) -> None:
         self.config = load_config(config_path)
+        # Ray's metrics of every process on this node, replicas' included (docs/metrics.md);
+        # None: a free port (tests and benchmarks run several stacks on one machine).
+        self.metrics_port = metrics_port or free_port()
         self.redis_url = redis_url
         self.num_cpus = num_cpus or os.cpu_count() or 1
         self.ready_timeout_s = ready_timeout_s
@@ -312,7 +316,11 @@ class LocalStack:
         # nice 15 it loses CPU to redis-server and to Ray's own daemons (BENCHMARKS.md).
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
-            num_cpus=self.num_cpus, include_dashboard=False, namespace="serve", log_to_driver=False
+            num_cpus=self.num_cpus,
+            include_dashboard=False,
+            namespace="serve",
+            log_to_driver=False,
+            _metrics_export_port=self.metrics_port,
         )
         schema = ServeDeploySchema.model_validate(self.config)
         client = serve_api.serve_start(

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 from sluice.batching import Collector
 from sluice.errors import DeadLettered, JobExpired
 from sluice.generating import ContinuousStage, StageItem, Tokens
+from sluice.metrics import Metrics
 from sluice.preparing import Preparer, over_delivered, refuse
 from sluice.protocol import BadEntry, Job, decode_job, error_result
 from sluice.queue import Backoff, DeadLetter, Entry, Outcome, StreamQueue
@@ -67,10 +68,10 @@ class WorkerStats:
 class Worker:
     """Serves one model's stream until stopped."""
 
-    def __init__(
-        self, queue: StreamQueue, runner: Runner, model: ModelSettings, limits: QueueSettings
-    ) -> None:
+    def __init__(self, queue: StreamQueue, runner: Runner, model: ModelSettings,
+                 limits: QueueSettings, metrics: Metrics | None = None) -> None:  # fmt: skip
         self.queue = queue
+        self.metrics = metrics or Metrics()
         self.runner = runner
         self.model = model
         self.limits = limits
@@ -97,11 +98,11 @@ class Worker:
         if isinstance(self.runner, ContinuousRunner):
             return ContinuousStage(
                 self.runner, self.model.name, self.model.prefetch_batches, self._emit,
-                max_waiting=self.model.max_batch_size,
+                max_waiting=self.model.max_batch_size, on_batch=self.metrics.batch,
             )  # fmt: skip
         return ModelStage(
             self.runner, self.model.name, self.model.prefetch_batches, self._emit,
-            encode_inline=self.model.device == "cpu",
+            encode_inline=self.model.device == "cpu", on_batch=self.metrics.batch,
         )  # fmt: skip
 
     @property
@@ -214,6 +215,7 @@ class Worker:
         self._next_reclaim = now + self.limits.reclaim_interval_s
         entries = await self.queue.reclaim(self.model.max_batch_size)
         self.stats.reclaimed += len(entries)
+        self.metrics.reclaimed(len(entries))
         return entries
 
     async def _maybe_trim(self) -> None:
@@ -224,6 +226,7 @@ class Worker:
 
     async def _admit(self, entries: Sequence[Entry]) -> None:
         """Answers what cannot run (bad, expired, over-delivered); sends the rest on."""
+        self.metrics.pulled(len(entries))
         jobs: list[Job] = []
         answers: list[Outcome] = []
         letters: list[DeadLetter] = []
@@ -344,6 +347,7 @@ class Worker:
             return
         job.deliveries += 1
         self.stats.retries += 1
+        self.metrics.retried()
         refused = await self._loop.run_in_executor(self._prep_pool, self._prepare, [job])
         await self._send(refused)
 
@@ -377,9 +381,11 @@ class Worker:
         if item and isinstance(item[0], DeadLetter):
             letters = [d for d in item if isinstance(d, DeadLetter)]
             self.stats.dead_letters += await self.queue.dead_letter(letters)
+            self.metrics.dead_lettered(letters)
             return
         outcomes = [o for o in item if isinstance(o, Outcome)]
         stored = await self.queue.finish(outcomes, since_ms)
+        self.metrics.finished(outcomes, stored, time.time() * 1000)
         self.stats.duplicates += len(outcomes) - stored
         for o in outcomes:
             if o.status == "ok":

@@ -14,7 +14,7 @@ import pytest
 import redis
 from ray import serve
 
-from sluice.autoscale import read_backlog
+from sluice.backlog import read_backlog
 from sluice.protocol import GROUP, jobs_key
 from tests.conftest import MINILM
 from tests.helpers import wait_all_results, wait_for, xadd_jobs

@@ -8,7 +8,6 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from sluice.autoscale import (
-    Backlog,
     BacklogPolicy,
     RateWindow,
     ServiceMeter,
@@ -17,6 +16,7 @@ from sluice.autoscale import (
     _median,
     desired_replicas,
 )
+from sluice.backlog import Backlog
 
 T = Targets(target_drain_s=10.0, utilization=0.8, hysteresis=0.25, default_rate=50.0)
 
