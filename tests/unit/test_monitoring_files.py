@@ -206,7 +206,7 @@ def test_the_panels_cover_what_the_issue_asks(dashboard: Json) -> None:
         "sluice_queue_waiting",
         "sluice_queue_pending",
         "sluice_queue_oldest_job_age_seconds",
-        "sluice_batch_size_count",  # the mean
+        "histogram_quantile(0.9, sum by (model, le) (rate(sluice_batch_size_bucket",
         'status!="ok"',  # errors and dead letters by code
         "sluice_dead_letters",
         "sluice_queue_consumers",
