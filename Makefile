@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # prometheus: promtool and a real Prometheus for the monitoring/ tests (docs/metrics.md).
-APT_PACKAGES := redis-server redis-tools prometheus
+# docker-compose: `docker-compose config` checks the compose files (no Docker engine needed).
+APT_PACKAGES := redis-server redis-tools prometheus docker-compose
 
 .PHONY: install system-deps demo test test-fast bench bench-compare bench-precision bench-generate bench-scaling bench-metrics lint format clean
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 system-deps:
-	@missing=""; for bin in redis-server redis-cli prometheus promtool; do \
+	@missing=""; for bin in redis-server redis-cli prometheus promtool docker-compose; do \
 	  command -v $$bin >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing $(APT_PACKAGES) with apt-get"; \
@@ -67,13 +68,14 @@ bench-metrics: install
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest.metricscost --repeats 5
 
 lint: install
-	$(VENV)/bin/ruff check services tests loadtest
-	$(VENV)/bin/ruff format --check services tests loadtest
+	$(VENV)/bin/ruff check services tests loadtest docker
+	$(VENV)/bin/ruff format --check services tests loadtest docker
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy docker
 
 format: install
-	$(VENV)/bin/ruff check --fix services tests loadtest
-	$(VENV)/bin/ruff format services tests loadtest
+	$(VENV)/bin/ruff check --fix services tests loadtest docker
+	$(VENV)/bin/ruff format services tests loadtest docker
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info services/*.egg-info

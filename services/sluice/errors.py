@@ -15,7 +15,12 @@ The tree::
     ├── Internal            internal           500   a bug in Sluice itself
     ├── ResultTimeout       timeout            504   (client side) no result within the wait
     ├── JobExpired          expired            410   the job's deadline passed before it ran
-    └── JobCancelled        cancelled          409   the job was cancelled before it ran
+    ├── JobCancelled        cancelled          409   the job was cancelled before it ran
+    │   (the HTTP gateway's own, never in a stored result:)
+    ├── Unauthorized        unauthorized       401   no API key, or not one of the gateway's
+    ├── NotFound            not_found          404   no such job (or path) at the gateway
+    ├── MethodNotAllowed    method_not_allowed 405   the path does not take that HTTP method
+    └── Unavailable         unavailable        503   the gateway cannot reach Redis
 """
 
 from __future__ import annotations
@@ -135,6 +140,30 @@ class JobCancelled(SluiceError):
     code, http_status = "cancelled", 409
 
 
+class Unauthorized(SluiceError):
+    """HTTP gateway only: no API key, or not one of the gateway's."""
+
+    code, http_status = "unauthorized", 401
+
+
+class NotFound(SluiceError):
+    """HTTP gateway only: no such job (or path)."""
+
+    code, http_status = "not_found", 404
+
+
+class MethodNotAllowed(SluiceError):
+    """HTTP gateway only: the path does not take that method."""
+
+    code, http_status = "method_not_allowed", 405
+
+
+class Unavailable(SluiceError):
+    """HTTP gateway only: Redis cannot be reached."""
+
+    code, http_status, retryable = "unavailable", 503, True
+
+
 _ALL: tuple[type[SluiceError], ...] = (
     InvalidInput,
     InvalidParams,
@@ -148,6 +177,10 @@ _ALL: tuple[type[SluiceError], ...] = (
     ResultTimeout,
     JobExpired,
     JobCancelled,
+    Unauthorized,
+    NotFound,
+    MethodNotAllowed,
+    Unavailable,
 )
 
 #: code -> exception class; the single source of truth for codes.

@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve import Application
 
 from sluice.autoscale import ServiceMeter
+from sluice.logs import route_logs
 from sluice.metrics import Metrics, RayMetrics
 from sluice.queue import StreamQueue, connect
 from sluice.runners import build_runner
@@ -28,16 +29,6 @@ from sluice.settings import ReplicaConfig
 from sluice.worker import Worker
 
 log = logging.getLogger(__name__)
-
-
-def _route_logs(level: str) -> None:
-    """Sends the package's logs where Serve sends the replica's own (its log file, stderr)."""
-    ours = logging.getLogger("sluice")
-    ours.setLevel(level)
-    if not ours.handlers:
-        for handler in logging.getLogger("ray.serve").handlers:
-            ours.addHandler(handler)
-        ours.propagate = False
 
 
 def consumer_name() -> str:
@@ -61,7 +52,7 @@ class Replica:
         # Start-up milestones (epoch ms): the cold-start benchmark splits its time on these.
         self.lifecycle = {"init_ms": time.time() * 1000}
         self.config = ReplicaConfig.model_validate(config)
-        _route_logs(self.config.settings.log_level)
+        route_logs(self.config.settings.log_level)
         model = self.config.model
         runner = build_runner(model)
         # Loading takes seconds: off the event loop, so Serve's own calls stay answered.

@@ -7,10 +7,10 @@ code cannot drift: the docs table is checked against these fields by a unit test
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -145,3 +145,68 @@ class ReplicaConfig(BaseModel):
             raise ValueError(f"unknown application args {sorted(unknown)}")
         overrides = {k: v for k, v in args.items() if k != "model"}
         return cls(model=ModelSettings(**(args.get("model") or {})), settings=Settings(**overrides))
+
+
+def _comma_list(value: Any) -> Any:
+    """`a,b` from the environment as a list; lists pass through. Blanks are dropped, so an empty
+    variable is an empty list."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class GatewayOptions(BaseModel):
+    """The HTTP gateway's allowlist and per-request limits (docs/gateway.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="models served over HTTP (comma-separated in the env); unset: any "
+        "registered model"
+    )  # fmt: skip
+    max_body_bytes: int = Field(
+        4_194_304, ge=1024, le=1 << 30, description="largest request body accepted (413 above)"
+    )
+    max_jobs_per_request: int = Field(
+        1024, ge=1, le=100_000, description="jobs of POST /v1/jobs, inputs of /v1/embeddings"
+    )
+    embeddings_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="/v1/embeddings waits this long for results (504)"
+    )
+    retry_after_s: int = Field(1, ge=1, le=3600, description="the Retry-After of a 429")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not MODEL_NAME_RE.fullmatch(name):
+                raise ValueError(f"model name must match {MODEL_NAME_RE.pattern}, got {name!r}")
+        return value
+
+
+class GatewaySettings(BaseSettings):
+    """The HTTP gateway's process settings: `SLUICE_REDIS_URL` (a `sluice-producer` URL),
+    `SLUICE_API_KEYS` (comma-separated bearer tokens; empty: no auth) and
+    `SLUICE_GATEWAY__*`, overridable by the Serve config's `args` (all but the keys)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    redis_cluster: bool = Field(False, description="the URL names a Redis Cluster node")
+    log_level: str = "INFO"
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="accepted bearer tokens; empty: auth off"
+    )
+    gateway: GatewayOptions = GatewayOptions()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        return _comma_list(value)

@@ -2,7 +2,9 @@
 cluster and no Redis: every `deployments/*.yaml` and the `serveConfigV2` inside
 `deployments/k8s/rayservice.yaml` parse with Ray's own schema, build a valid `ReplicaConfig`,
 and autoscale with `BacklogPolicy` on their own model's stream; `gpu.yaml` asks for a GPU; the
-KubeRay manifest reads its Redis URLs from a Secret and has a GPU worker group to scale."""
+KubeRay manifest reads its Redis URLs from a Secret and has a GPU worker group to scale. The
+compose configs (`compose.yaml`, `compose-gpu.yaml`) add the HTTP gateway behind Serve's proxy
+to local.yaml's and gpu.yaml's applications (tests/unit/test_compose.py checks the rest)."""
 
 from __future__ import annotations
 
@@ -24,8 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ROOT / "deployments"
 RAYSERVICE = DEPLOYMENTS / "k8s" / "rayservice.yaml"
 K8S_APP = "k8s/rayservice.yaml#serveConfigV2"
-SHIPPED = {"local.yaml", "gpu.yaml", "multi.yaml"}
+SHIPPED = {"local.yaml", "gpu.yaml", "multi.yaml", "compose.yaml", "compose-gpu.yaml"}
+#: Each compose config, and the application of which its model application is a copy.
+COMPOSE_COPIES = {"compose.yaml": "local.yaml", "compose-gpu.yaml": "gpu.yaml"}
 
+REPLICA = "sluice.replica:build_app"
+GATEWAY = "sluice.gateway:build_app"
 POLICY = "sluice.autoscale:BacklogPolicy"
 #: BacklogPolicy's keyword arguments (its interface, fixed): a typo here would fail the deploy.
 POLICY_KWARGS = {
@@ -61,13 +67,26 @@ def serve_configs() -> dict[str, Json]:
 CONFIGS = serve_configs()
 
 
+def replica_apps(config: Json) -> list[Json]:
+    """The applications of a Serve config that serve a model (not the HTTP gateway)."""
+    return [app for app in config["applications"] if app["import_path"] == REPLICA]
+
+
+def gateway_apps(config: Json) -> list[Json]:
+    return [app for app in config["applications"] if app["import_path"] == GATEWAY]
+
+
 def deployments_of(config: Json) -> list[tuple[Json, Json]]:
-    """(application, deployment options) pairs of a Serve config."""
-    return [(app, dep) for app in config["applications"] for dep in app.get("deployments", [])]
+    """(application, deployment options) pairs of a Serve config's model applications."""
+    return [(app, dep) for app in replica_apps(config) for dep in app.get("deployments", [])]
 
 
 def policy_importable() -> bool:
     return importlib.util.find_spec("sluice.autoscale") is not None
+
+
+def gateway_importable() -> bool:
+    return importlib.util.find_spec("sluice.gateway") is not None
 
 
 def test_the_shipped_configs_are_all_checked() -> None:
@@ -76,22 +95,29 @@ def test_the_shipped_configs_are_all_checked() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_serve_accepts_the_config_and_runs_no_proxy(name: str) -> None:
+def test_serve_accepts_the_config_and_runs_a_proxy_only_for_the_gateway(name: str) -> None:
     schema = ServeDeploySchema.model_validate(CONFIGS[name])
 
-    # Replicas pull from Redis: an HTTP proxy would only take CPU from them.
-    assert schema.proxy_location == ProxyLocation.Disabled
-    assert schema.applications, f"{name} serves nothing"
+    assert replica_apps(CONFIGS[name]), f"{name} serves no model"
     for app in schema.applications:
-        assert app.import_path == "sluice.replica:build_app"
-        assert app.route_prefix is None
+        assert app.import_path in {REPLICA, GATEWAY}, app.import_path
+        if app.import_path == REPLICA:
+            assert app.route_prefix is None, "replicas pull from Redis: no HTTP route"
+    gateways = gateway_apps(CONFIGS[name])
+    if gateways:
+        # The one HTTP ingress, at the root, behind one proxy on the head.
+        assert [g["route_prefix"] for g in gateways] == ["/"]
+        assert schema.proxy_location == ProxyLocation.HeadOnly
+    else:
+        # Replicas pull from Redis: an HTTP proxy would only take CPU from them.
+        assert schema.proxy_location == ProxyLocation.Disabled
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_every_application_args_build_a_replica_config(name: str) -> None:
     from sluice.replica import Replica
 
-    for app in CONFIGS[name]["applications"]:
+    for app in replica_apps(CONFIGS[name]):
         config = ReplicaConfig.from_args(app["args"])
         assert config.model.name == app["name"], "one application per model, named after it"
         # Options for a deployment the builder does not make would fail the deploy.
@@ -152,7 +178,7 @@ def test_gpu_yaml_asks_for_one_gpu_and_runs_bf16() -> None:
     assert model.max_batch_size > local_model["max_batch_size"], "GPU batches are larger"
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "multi.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "multi.yaml", "compose.yaml"])
 def test_the_cpu_configs_ask_for_no_gpu(name: str) -> None:
     # A GPU asked for on a CPU-only box leaves the replica pending for ever.
     for app, deployment in deployments_of(CONFIGS[name]):
@@ -170,6 +196,37 @@ def without_max_replicas(config: Json) -> Json:
 def test_the_k8s_application_is_gpu_yamls() -> None:
     # One application, two places: only the replica ceiling may differ (a cluster's GPUs).
     assert without_max_replicas(CONFIGS[K8S_APP]) == without_max_replicas(CONFIGS["gpu.yaml"])
+
+
+@pytest.mark.parametrize(("name", "original"), sorted(COMPOSE_COPIES.items()))
+def test_the_compose_model_application_is_a_shipped_one(name: str, original: str) -> None:
+    # The compose stack serves local.yaml's (or gpu.yaml's) application unchanged, plus the gateway.
+    assert replica_apps(CONFIGS[name]) == CONFIGS[original]["applications"]
+    (gateway,) = gateway_apps(CONFIGS[name])
+    # The gateway's allowlist is the models the config serves: no more, no fewer.
+    served = [app["args"]["model"]["name"] for app in replica_apps(CONFIGS[name])]
+    assert gateway["args"]["gateway"]["models"] == served
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSE_COPIES))
+def test_the_gateway_application_builds_from_its_args(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (app,) = gateway_apps(CONFIGS[name])
+    assert app["import_path"] == GATEWAY
+    if not gateway_importable():
+        # sluice.gateway is not written yet: its import path is all there is to check.
+        return
+    from ray.serve import Application
+
+    from sluice.gateway import build_app
+
+    # As in the ray-head container: the producer's URL (which the runtime_env makes the
+    # gateway's SLUICE_REDIS_URL) and the API keys in the environment, not in the args.
+    assert set(app["runtime_env"]["env_vars"]) == {"SLUICE_REDIS_URL"}
+    monkeypatch.setenv("SLUICE_REDIS_URL", "redis://sluice-producer:x@redis:6379/0")
+    monkeypatch.setenv("SLUICE_API_KEYS", "test-key")
+    assert isinstance(build_app(app["args"]), Application)
 
 
 def secret_env(container: Json) -> dict[str, Json]:
