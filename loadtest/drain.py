@@ -50,7 +50,7 @@ import redis
 from tqdm import tqdm
 
 from loadtest.corpus import sentences
-from loadtest.report import save_repeats
+from loadtest.report import print_medians, save_repeats
 from loadtest.stack import local_stack, machine, serve_config
 from sluice import admission
 from sluice.protocol import (
@@ -330,9 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{ns.repeats} repeats; {env['cpu']} ({env['cores']} cores), torch {env['torch']}; "
         f"replica nice {env['replica']['nice']}, driver nice {env['driver_nice']}\n"
     )
-    print("| measure | median | runs |\n|---|---|---|")
-    for name, values in rows:
-        print(f"| {name} | {st.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
+    print_medians(rows)
     print(f"\nreport: {out}")
     return 0
 

@@ -49,7 +49,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from loadtest.report import _save, machine_info, save_repeats
+from loadtest.report import _save, machine_info, print_medians, save_repeats
 from sluice.runners.decoding import ContinuousBatcher, GenRequest
 from sluice.runners.loading import resolve_model_path
 
@@ -378,9 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         f", batch {ns.batch}; {report['model']['name']} ({params / 1e6:.1f} M), {ns.dtype} on "
         f"{ns.device}, {torch.get_num_threads()} threads, {ns.repeats} repeats\n"
     )
-    print("| measure | median | runs |\n|---|---|---|")
-    for name, values in rows:
-        print(f"| {name} | {st.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
+    print_medians(rows)
     print(f"\nspot check of continuous greedy tokens: {check['note']}")
     print(f"\nreport: {out}")
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics as st
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from loadtest.corpus import sentences
 from loadtest.drain import sluice_drain
-from loadtest.report import machine_info, save_repeats
+from loadtest.report import machine_info, print_medians, save_repeats
 from loadtest.stack import Json, local_stack, serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     save_repeats(out, ns, started, rows, runs, serve_config=config, machine=machine_info())
     print(f"\n{ns.n} jobs a drain, {ns.repeats} repeats, {ns.model_path}, batch {ns.batch_size}, "
           f"{ns.threads} torch thread(s)\n")  # fmt: skip
-    print("| measure | median | runs |\n|---|---|---|")
-    for name, values in rows:
-        print(f"| {name} | {st.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
+    print_medians(rows)
     print(f"report: {out}")
     return 0
 

@@ -35,7 +35,7 @@ import orjson
 import redis
 from tqdm import tqdm
 
-from loadtest.report import machine_info
+from loadtest.report import machine_info, print_medians
 from sluice import admission
 from sluice.protocol import Result, jobs_key
 from sluice.queue import Outcome, StreamQueue, connect
@@ -159,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2))
     print(f"\nredis {version}, {ns.jobs} jobs a phase, batch {ns.batch}, {ns.dim} floats as "
           f"{ns.encoding}, {ns.repeats} repeats\n")  # fmt: skip
-    print("| Redis CPU per job | median | runs |\n|---|---|---|")
-    for key, row in summary.items():
-        runs_text = ", ".join(f"{v:.1f}" for v in row["runs"])
-        print(f"| {key} | {row['median']:.1f} | {runs_text} |")
+    print_medians([(k, row["runs"]) for k, row in summary.items()], 1, "Redis CPU per job")
     print(f"report: {out}")
     return 0
 

@@ -65,6 +65,18 @@ def save_repeats(
     return report
 
 
+def print_medians(
+    rows: Sequence[tuple[str, Sequence[float]]], digits: int = 3, header: str = "measure"
+) -> None:
+    """A repeated benchmark's Markdown table: each measure's median, then every run."""
+    import statistics
+
+    print(f"| {header} | median | runs |\n|---|---|---|")
+    for name, values in rows:
+        runs = ", ".join(f"{v:.{digits}f}" for v in values)
+        print(f"| {name} | {statistics.median(values):.{digits}f} | {runs} |")
+
+
 def machine_info() -> Json:
     """CPU, cores, load, versions and the git commit: enough to tell two reports apart."""
     import torch

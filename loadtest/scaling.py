@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics as st
 import sys
 import threading
 import time
@@ -42,7 +41,7 @@ import redis
 from tqdm import tqdm
 
 from loadtest.corpus import sentences
-from loadtest.report import machine_info, save_repeats
+from loadtest.report import machine_info, print_medians, save_repeats
 from loadtest.stack import local_stack
 from sluice.backlog import read_backlog
 from sluice.protocol import jobs_key, result_key
@@ -263,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(runs)
     save_repeats(out, ns, started, rows, runs, serve_config=config, machine=machine_info())
     print(f"\n{ns.repeats} repeats, burst {ns.burst}, {ns.threads} torch thread(s) a replica\n")
-    print("| measure (s) | median | runs |\n|---|---|---|")
-    for name, values in rows:
-        print(f"| {name} | {st.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
+    print_medians(rows, digits=2, header="measure (s)")
     if ns.plot:
         plot(runs, out.with_suffix(".png"))
         print(f"\nplot: {out.with_suffix('.png')}")

@@ -34,19 +34,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-from redis.cluster import RedisCluster
-
 # Backlog and read_backlog live in backlog.py (the exporter reads them too); imported here,
 # where the policy and its callers have always found them.
 from sluice.backlog import Backlog, read_backlog
+from sluice.connection import SyncRedis, connect_sync
+from sluice.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: A snapshot older than this many poll intervals is not trusted: hold the replica count.
 STALE_POLLS = 10
 
-Connect = Callable[[], "redis.Redis | RedisCluster"]
+Connect = Callable[[], SyncRedis]
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +227,7 @@ class _Slot:
 
 def _poll(slot: _Slot, connect: Connect, model: str, interval_s: float) -> None:
     window = RateWindow()
-    client: redis.Redis | RedisCluster | None = None
+    client: SyncRedis | None = None
     failing = False
     waiting_since: float | None = None
     while not slot.stop.is_set():
@@ -257,20 +256,12 @@ def _poll(slot: _Slot, connect: Connect, model: str, interval_s: float) -> None:
 
 def client_factory(url: str | None, cluster: bool) -> Connect:
     """The URL and cluster flag given, else the controller's environment: the read-only
-    scaler user's SLUICE_SCALER_REDIS_URL (docs/security.md), else the replicas' URL."""
-    env = os.environ
-    url = url or env.get("SLUICE_SCALER_REDIS_URL") or env.get("SLUICE_REDIS_URL")
-    url = url or "redis://127.0.0.1:6379/0"
-    cluster = cluster or os.environ.get("SLUICE_REDIS_CLUSTER", "").lower() in {"1", "true", "yes"}
-    options: dict[str, Any] = {"decode_responses": True, "socket_timeout": 5,
-                               "socket_connect_timeout": 5}  # fmt: skip
-
-    def connect() -> redis.Redis | RedisCluster:
-        if cluster:
-            return RedisCluster.from_url(url, **options)
-        return redis.Redis.from_url(url, **options)
-
-    return connect
+    scaler user's SLUICE_SCALER_REDIS_URL (docs/security.md), else the settings' (the
+    replicas' SLUICE_REDIS_URL and SLUICE_REDIS_CLUSTER)."""
+    settings = Settings()
+    url = url or os.environ.get("SLUICE_SCALER_REDIS_URL") or settings.redis_url
+    cluster = cluster or settings.redis_cluster
+    return lambda: connect_sync(url, cluster=cluster, decode_responses=True, socket_timeout=5)
 
 
 class ServiceMeter:
