@@ -42,8 +42,13 @@ class Feeder:
         self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
 
     def answered(self) -> int:
-        """Jobs answered so far (pushes on the reply stream)."""
-        return int(self.r.xlen(self.reply_to))
+        """Jobs answered so far: pushes ever added to the reply stream. Not XLEN, which stops
+        growing once the stream reaches its MAXLEN trim (10,000 by default) and would stall
+        the feeder and every wait on progress."""
+        try:
+            return int(self.r.xinfo_stream(self.reply_to)["entries-added"])
+        except redis.ResponseError:  # no reply stream yet: nothing answered
+            return 0
 
     def start(self) -> Feeder:
         self._thread.start()
