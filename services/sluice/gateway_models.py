@@ -162,7 +162,10 @@ class Embedding(BaseModel):
 
 
 class Usage(BaseModel):
-    prompt_tokens: int = Field(description="0: results carry no token counts (docs/gateway.md)")
+    prompt_tokens: int = Field(
+        description="tokens the model read, by its own tokenizer (after truncation, special "
+        "tokens included); 0 from replicas older than this field"
+    )
     total_tokens: int
 
 
@@ -229,9 +232,9 @@ def embeddings_response(request: EmbeddingRequest, results: Sequence[Result]) ->
                 f"model {request.model!r} makes {dim}-dimensional embeddings; `dimensions` "
                 f"{request.dimensions} is not supported"
             )
-    # Results carry no token counts (the replica does not report them), and a count from
-    # another tokenizer would be wrong: 0, as docs/gateway.md says.
-    usage = {"prompt_tokens": 0, "total_tokens": 0}
+    # Counted by the replica's own tokenizer (after truncation, special tokens included).
+    tokens = sum(int(res.timings.get("input_tokens", 0)) for res in results)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     body = {"object": "list", "data": data, "model": request.model, "usage": usage}
     return Response(orjson.dumps(body), media_type="application/json")
 

@@ -129,6 +129,7 @@ class ContinuousStage(ModelStage):
             "compute_ms": round(done_ms - admitted_ms, 3),
             "total_ms": round(done_ms - job.enqueued_ms, 3),
             "batch_size": self.crunner.running + 1,
+            "input_tokens": p.item.cost,
         }
         first_ms = own.get("first_token_ms")
         tokens = int(own.get("completion_tokens", 0))

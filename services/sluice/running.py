@@ -23,7 +23,7 @@ from sluice.batching import Batch
 from sluice.errors import JobExpired, ModelFailure, SluiceError, classify
 from sluice.protocol import PRIORITIES, BadEntry, Job, Result, error_result
 from sluice.queue import Outcome
-from sluice.runners.base import Runner
+from sluice.runners.base import Encoded, Runner
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,20 @@ class Ran:
         return [
             outcome_of(
                 item.job,
-                Result(item.job.id, model, "ok", output=output, timings=self._timings(item.job)),
+                Result(item.job.id, model, "ok", output=output, timings=self._timings(item)),
             )
             for item, output in zip(self.batch.items, self.outputs, strict=True)
         ]
 
-    def _timings(self, job: Job) -> dict[str, float]:
+    def _timings(self, item: Encoded) -> dict[str, float]:
+        job = item.job
         return {
             "queue_ms": round(job.pulled_ms - job.enqueued_ms, 3),
             "batch_wait_ms": round(self.start_ms - job.pulled_ms, 3),
             "compute_ms": round(self.done_ms - self.start_ms, 3),
             "total_ms": round(self.done_ms - job.enqueued_ms, 3),
             "batch_size": len(self.batch.items),
+            "input_tokens": item.cost,  # what the gateway reports as OpenAI `usage`
         }
 
 

@@ -11,7 +11,7 @@ from ray import serve
 from sluice.protocol import GROUP, jobs_key
 from tests.checker import check_exactly_once
 from tests.faults.feeder import Feeder
-from tests.helpers import group_pending, results_of, wait_for, xadd_jobs
+from tests.helpers import group_pending, results_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -19,19 +19,13 @@ pytestmark = pytest.mark.integration
 def test_graceful_stop_answers_everything_it_pulled(r, deploy, model_name, tiny_bert):
     deploy(model_name, tiny_bert, max_batch_size=8, prefetch_batches=4)
     reply = f"sluice:reply:{model_name}"
-    ids = xadd_jobs(
-        r,
-        model_name,
-        [f"text {i} " + "pad " * (i % 60) for i in range(3000)],
-        reply_to=reply,
-    )
-    wait_for(
-        lambda: any(v is not None for v in results_of(r, model_name, ids[:200]).values()),
-        60,
-        what="the run to be under way",
-    )
+    # Kept 400 jobs ahead of the answers, so the stop lands mid-run however fast the box.
+    feeder = Feeder(r, model_name, 50_000, reply_to=reply, ahead=400).start()
+    wait_for(lambda: feeder.answered() >= 200, 60, what="the run to be under way")
 
     serve.delete(model_name, _blocking=True)
+    feeder.stop()
+    ids = feeder.ids
 
     # Everything pulled was answered and acked; the consumer left the group clean.
     assert group_pending(r, model_name) == 0
@@ -47,13 +41,13 @@ def test_graceful_stop_answers_everything_it_pulled(r, deploy, model_name, tiny_
 def test_scale_down_and_redeploy_mid_run(r, deploy, model_name, tiny_bert):
     # A 60 s visibility timeout (the default): nothing here waits on a reclaim. Every answer
     # kept on the reply stream, for the exactly-once check.
-    queue = {"visibility_timeout_s": 60, "reply_maxlen": 100_000}
+    queue = {"visibility_timeout_s": 60, "reply_maxlen": 1_000_000}
     deploy(model_name, tiny_bert, num_replicas=2, max_batch_size=8, prefetch_batches=4,
            queue=queue)  # fmt: skip
     reply = f"sluice:reply:{model_name}"
     # Kept 300 jobs ahead of the answers, so each stop finds batches pulled and queued, and
     # fed until both changes are over, however long Serve takes over them.
-    feeder = Feeder(r, model_name, 50_000, reply_to=reply, ahead=300).start()
+    feeder = Feeder(r, model_name, 500_000, reply_to=reply, ahead=300).start()
 
     # Scale down 2 -> 1: the same config, so Serve stops one replica gracefully.
     wait_for(lambda: feeder.answered() >= 300, 60, what="the run to be under way")
@@ -69,7 +63,7 @@ def test_scale_down_and_redeploy_mid_run(r, deploy, model_name, tiny_bert):
     mark = feeder.answered()
     wait_for(lambda: feeder.answered() >= mark + 300, 60, what="progress after the redeploy")
     feeder.stop()
-    assert len(feeder.ids) < 50_000, "both changes landed mid-run"
+    assert len(feeder.ids) < 500_000, "both changes landed mid-run"
 
     # No crash here: every job answered once and pushed once, none dead-lettered, and
     # (with a 60 s visibility timeout) none left to a reclaim to finish.
@@ -92,22 +86,27 @@ def _consumers(r: Any, model: str) -> set[str]:
 
 
 def test_rolling_update_with_thousands_queued(r, deploy, model_name, tiny_bert):
-    """A changed config deployed while 12,000 jobs wait and a replica is
-    mid-batch. The old replica finishes what it pulled and leaves; the new one takes the rest."""
+    """A changed config deployed while thousands of jobs wait and a replica is mid-batch. The
+    old replica finishes what it pulled and leaves; the new one takes the rest."""
     reply = f"sluice:reply:{model_name}"
-    queue = {"reply_maxlen": 50_000}  # every answer kept on the reply stream, to count them
+    queue = {"reply_maxlen": 1_000_000}  # every answer kept on the reply stream, to count them
     handle = deploy(model_name, tiny_bert, max_batch_size=32, queue=queue)
     old = handle.info.remote().result(timeout_s=30)
-    texts = [f"job number {i} of the rolling update" for i in range(12_000)]
-    ids = xadd_jobs(r, model_name, texts, reply_to=reply)
-    wait_for(lambda: r.xlen(reply) >= 1000, 60, what="the old replica well under way")
+    # Kept 4,000 jobs past the answers: thousands queued whenever the update lands, however
+    # fast the box drains them.
+    feeder = Feeder(r, model_name, 500_000, reply_to=reply, ahead=4000).start()
+    wait_for(lambda: feeder.answered() >= 1000, 60, what="the old replica well under way")
+    queued = feeder.sent - feeder.answered()
     handle = deploy(model_name, tiny_bert, max_batch_size=16, queue=queue)
     new = handle.info.remote().result(timeout_s=30)
     assert new["pid"] != old["pid"]
-    assert r.xlen(reply) < len(ids), "the update landed with jobs still queued"
+    wait_for(lambda: handle.info.remote().result(timeout_s=30)["stats"]["ok"] >= 1000, 60,
+             what="the new replica under way")  # fmt: skip
+    feeder.stop()
+    assert queued >= 2000, f"the update landed with {queued} jobs queued, not thousands"
 
-    check_exactly_once(r, model_name, ids, reply_streams=[reply], expect_status="ok")
+    check_exactly_once(r, model_name, feeder.ids, reply_streams=[reply], expect_status="ok")
     stats = handle.info.remote().result(timeout_s=30)["stats"]
-    assert 0 < stats["ok"] < len(ids)  # both served
+    assert 0 < stats["ok"] < len(feeder.ids)  # both served
     assert stats["reclaimed"] == stats["duplicates"] == 0
     assert _consumers(r, model_name) <= {new["consumer"]}

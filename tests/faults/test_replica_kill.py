@@ -17,6 +17,8 @@ pytestmark = pytest.mark.integration
 
 KILLS = 3
 BATCH = 8
+QUEUE = {"visibility_timeout_s": 2, "reclaim_interval_s": 0.5, "max_deliveries": 10,
+         "reply_maxlen": 1_000_000}  # fmt: skip
 
 
 def test_three_sigkills_mid_run_lose_nothing(r, deploy, model_name, tiny_bert):
@@ -29,11 +31,13 @@ def test_three_sigkills_mid_run_lose_nothing(r, deploy, model_name, tiny_bert):
         # is delivered four times, and on this 2-core box a restarted replica may also
         # reclaim a slow live entry once more. Dead-lettering it would be the retry policy
         # at work, not a loss, but this test's promise is every job `ok`.
-        queue={"visibility_timeout_s": 2, "reclaim_interval_s": 0.5, "max_deliveries": 10},
+        # Every answer kept on the reply stream, for the exactly-once check.
+        queue=QUEUE,
     )
     reply = f"sluice:reply:{model_name}"
-    # Kept at most 300 jobs ahead of the answers: jobs are still coming after the last kill.
-    feeder = Feeder(r, model_name, 3000, reply_to=reply, ahead=300).start()
+    # Kept at most 300 jobs ahead of the answers, and fed until the last replica has made
+    # progress of its own: jobs are still coming after the last kill, however fast the box.
+    feeder = Feeder(r, model_name, 500_000, reply_to=reply, ahead=300).start()
     pids = [handle.info.remote().result(timeout_s=30)["pid"]]
 
     for kill in range(KILLS):
@@ -44,7 +48,9 @@ def test_three_sigkills_mid_run_lose_nothing(r, deploy, model_name, tiny_bert):
         os.kill(pids[-1], signal.SIGKILL)
         pids.append(wait_for(lambda: _new_pid(handle, pids), 90, what=f"replica {kill + 2}"))
 
-    feeder.join(timeout_s=120)
+    mark = feeder.answered()
+    wait_for(lambda: feeder.answered() >= mark + 300, 90, what="progress after the last kill")
+    feeder.stop()
     report = check_exactly_once(
         r,
         model_name,
@@ -57,7 +63,7 @@ def test_three_sigkills_mid_run_lose_nothing(r, deploy, model_name, tiny_bert):
         expect_status="ok",
         timeout_s=180,
     )
-    assert report.ok == 3000 and not report.dead and not report.dead_without_id
+    assert report.ok == len(feeder.ids) and not report.dead and not report.dead_without_id
     assert len(set(pids)) == KILLS + 1, pids
     # The last kill caught entries in flight: the replica that followed reclaimed them.
     assert handle.info.remote().result(timeout_s=30)["stats"]["reclaimed"] > 0

@@ -17,6 +17,7 @@ from ray import serve
 from sluice.backlog import read_backlog
 from sluice.protocol import GROUP, jobs_key
 from tests.conftest import MINILM
+from tests.faults.feeder import Feeder
 from tests.helpers import wait_all_results, wait_for, xadd_jobs
 
 pytestmark = pytest.mark.integration
@@ -110,11 +111,14 @@ def test_a_burst_scales_up_to_two_replicas_and_back_down(r, deploy, model_name):
     with Timeline(model_name) as timeline:
         timeline.wait(lambda n, _: n == 1, 30, "one replica running")
         burst_at = time.monotonic()
-        ids = xadd_jobs(
-            r, model_name, [f"a burst of sentences, this one number {i}" for i in range(2000)]
-        )
+        # 2,000 jobs queued at once, and kept 2,000 past the answers until the second replica
+        # runs: a box fast enough to drain a fixed burst before a replica starts would show
+        # no scale-up at all.
+        feeder = Feeder(r, model_name, 500_000, reply_to=f"sluice:reply:{model_name}",
+                        ahead=2000, chunk=500).start()  # fmt: skip
         up_at = timeline.wait(lambda n, _: n == 2, 60, "a second replica")
-        results = wait_all_results(r, model_name, ids, timeout_s=180)
+        feeder.stop()
+        results = wait_all_results(r, model_name, feeder.ids, timeout_s=180)
         drained_at = time.monotonic()
         down_at = timeline.wait(lambda n, t: n == t == 1, 60, "back to one", after=up_at)
     assert all(res["status"] == "ok" for res in results.values())

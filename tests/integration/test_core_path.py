@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from sluice.protocol import decode_embedding, jobs_key
 from sluice.runners.embed import EmbedRunner
@@ -46,6 +47,9 @@ def test_thousand_raw_xadds_get_thousand_correct_results(r, deploy, model_name, 
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert all(results[i]["id"] == i and results[i]["model"] == model_name for i in ids)
     assert max(res["timings"]["batch_size"] for res in results.values()) > 1
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    lengths = [len(tokenizer(text)["input_ids"]) for text in texts]
+    assert [results[i]["timings"]["input_tokens"] for i in ids] == lengths
     wait_for(lambda: group_pending(r, model_name) == 0, 10, what="nothing pending")
     assert dead_letters(r, model_name) == []
 

@@ -28,6 +28,7 @@ import requests
 import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, settings
+from transformers import AutoTokenizer
 
 from sluice import Client
 from sluice.gateway import build_app, create_app
@@ -204,7 +205,7 @@ def test_embeddings_time_out_and_cancel_their_jobs(producer_url: str, parked: st
 
 
 def test_openai_client_gets_the_sdks_vectors(
-    gateway: Gateway, served: str, producer_url: str
+    gateway: Gateway, served: str, producer_url: str, tiny_bert: str
 ) -> None:
     oai = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
     floats = oai.embeddings.create(model=served, input=TEXTS, encoding_format="float")
@@ -214,7 +215,10 @@ def test_openai_client_gets_the_sdks_vectors(
         want = [decode_embedding(res.output) for res in sdk.wait(sdk.submit_many(served, TEXTS))]
 
     assert floats.object == "list" and floats.model == served
-    assert floats.usage.prompt_tokens == 0 and floats.usage.total_tokens == 0
+    # usage: the model's own tokenizer's count, special tokens included.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    tokens = sum(len(tokenizer(text)["input_ids"]) for text in TEXTS)
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens == tokens
     for response in (floats, decoded, packed):
         assert [d.index for d in response.data] == [0, 1, 2]
         assert all(d.object == "embedding" for d in response.data)

@@ -49,6 +49,7 @@ def test_greedy_generation_matches_the_models_own_generate(generator, tiny_gener
         if res.output["finish_reason"] == "length":
             assert res.output["usage"]["completion_tokens"] == n
         assert res.timings["ttft_ms"] <= res.timings["total_ms"]
+        assert res.timings["input_tokens"] == res.output["usage"]["prompt_tokens"] > 0
 
 
 def read_stream_live(r, key: str, job_id: str, timeout_s: float = 60) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def]

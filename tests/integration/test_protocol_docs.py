@@ -34,7 +34,7 @@ JOBS, DEAD = jobs_key(MODEL), dead_key(MODEL)
 RESULT_PREFIX = result_key(MODEL, "")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ENTRY_ID_RE = re.compile(r"^\d+-\d+$")
-TIMINGS = {"queue_ms", "batch_wait_ms", "compute_ms", "total_ms", "batch_size"}
+TIMINGS = {"queue_ms", "batch_wait_ms", "compute_ms", "total_ms", "batch_size", "input_tokens"}
 FENCE_RE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 # redis-cli flags a doc line may carry (the test adds -h/-p for the session's server and -e).
 CLI_FLAGS = {"--raw", "-e", "--no-auth-warning"}
