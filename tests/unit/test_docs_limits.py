@@ -157,9 +157,10 @@ def test_fixed_names_and_patterns_are_documented():
 
 def test_result_timings_are_documented():
     from sluice.batching import Batch
+    from sluice.runners.base import Encoded
     from sluice.running import Ran
 
     job = protocol.Job(entry_id="1-0", id="j", input={}, params={})
-    keys = Ran(Batch([]), [], 0.0, 1.0)._timings(job)
+    keys = Ran(Batch([]), [], 0.0, 1.0)._timings(Encoded(job, 3, None))
     rows = table(doc_text(), "key", "meaning")
     assert set(keys) <= set(rows), f"timings not in the doc: {sorted(set(keys) - set(rows))}"
