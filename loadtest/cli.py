@@ -16,7 +16,6 @@ Method: see openloop.py (scheduling, coordinated omission) and stats.py (what co
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import sys
@@ -294,8 +293,7 @@ def _setting(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    report.offline_env()
     started = time.time()
     runs = execute(ns)
     name = ns.name or ns.command

@@ -50,7 +50,7 @@ import redis
 from tqdm import tqdm
 
 from loadtest.corpus import sentences
-from loadtest.report import print_medians, save_repeats
+from loadtest.report import offline_env, print_medians, report_file, save_repeats
 from loadtest.stack import local_stack, machine, serve_config
 from sluice import admission
 from sluice.protocol import (
@@ -311,9 +311,8 @@ def measure(ns: argparse.Namespace, app: Json, url: str, bar: Bar) -> list[Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    out = ns.out or ROOT / "loadtest/reports" / f"drain-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    offline_env()
+    out = report_file("drain", ns.out)
     config, started = serve_config(ns), time.time()
     app = config["applications"][0]
     total = ns.repeats * (3 * ns.n + 2 * ns.single_jobs)

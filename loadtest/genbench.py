@@ -49,7 +49,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from loadtest.report import _save, machine_info, print_medians, save_repeats
+from loadtest.report import _save, machine_info, print_medians, report_file, save_repeats
 from sluice.runners.decoding import ContinuousBatcher, GenRequest
 from sluice.runners.loading import resolve_model_path
 
@@ -356,7 +356,7 @@ def measure(ns: argparse.Namespace, model: Any, tok: Any, bar: Bar) -> tuple[lis
 
 def main(argv: list[str] | None = None) -> int:
     ns, started = parse(argv), time.time()
-    out = ns.out or ROOT / "loadtest/reports" / f"genbench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = report_file("genbench", ns.out)
     if ns.threads:
         torch.set_num_threads(ns.threads)
     model, tok = load_model(ns)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from loadtest.corpus import sentences
 from loadtest.drain import sluice_drain
-from loadtest.report import machine_info, print_medians, save_repeats
+from loadtest.report import machine_info, offline_env, print_medians, report_file, save_repeats
 from loadtest.stack import Json, local_stack, serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +65,8 @@ def two_apps(ns: argparse.Namespace) -> Json:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = ns.out or ROOT / "loadtest/reports" / f"metricscost-{stamp}.json"
+    offline_env()
+    out = report_file("metricscost", ns.out)
     config, started = two_apps(ns), time.time()
     on, off = (app["name"] for app in config["applications"])
     texts, warm = sentences(ns.n), sentences(2 * ns.batch_size, seed=7)

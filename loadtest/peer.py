@@ -47,6 +47,7 @@ from urllib.parse import urlparse, urlunparse
 import orjson
 import redis
 
+from loadtest.report import offline_env
 from loadtest.target import Completion, Target
 from sluice.settings import ModelSettings
 
@@ -330,8 +331,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    offline_env()
     os.environ["RAY_worker_niceness"] = str(ns.worker_niceness)
     import ray
     from tqdm import tqdm

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from loadtest.corpus import sentences
-from loadtest.report import machine_info
+from loadtest.report import machine_info, report_file
 from sluice.protocol import Job
 from sluice.runners import Runner, build_runner
 from sluice.runners.base import Encoded
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(ns)
     floor = "min cosine, floor 0.99" if ns.task == "embed" else "label agreement, floor 0.99"
     table = markdown(rows, floor)
-    out = ns.out or ROOT / "loadtest/reports" / f"precision-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = report_file("precision", ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": shlex.join(sys.orig_argv if argv is None else argv),
               "machine": machine_info(), "settings": {k: str(v) for k, v in vars(ns).items()},

@@ -25,7 +25,6 @@ import json
 import shlex
 import statistics as st
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import orjson
 import redis
 from tqdm import tqdm
 
-from loadtest.report import machine_info, print_medians
+from loadtest.report import machine_info, print_medians, report_file
 from sluice import admission
 from sluice.protocol import Result, jobs_key
 from sluice.queue import Outcome, StreamQueue, connect
@@ -134,7 +133,7 @@ async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
-    out = ns.out or ROOT / "loadtest/reports" / f"rediscost-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = report_file("rediscost", ns.out)
     server = RedisServer().start()
     runs = []
     try:

@@ -37,6 +37,18 @@ def report_dir(name: str, out: Path | None) -> Path:
     return folder
 
 
+def report_file(name: str, out: Path | None) -> Path:
+    """Where a benchmark writes its JSON report: `out`, or `loadtest/reports/<name>-<time>.json`."""
+    return out or REPORTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def offline_env() -> None:
+    """What every benchmark that starts Ray sets unless told otherwise: no weights downloaded at
+    run time, and no usage reporting from a machine that may have no network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
 def save_repeats(
     out: Path,
     ns: Any,

@@ -29,7 +29,6 @@ A thread samples the replica counts (`serve.status()`) and the backlog (`read_ba
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time
@@ -41,7 +40,7 @@ import redis
 from tqdm import tqdm
 
 from loadtest.corpus import sentences
-from loadtest.report import machine_info, print_medians, save_repeats
+from loadtest.report import machine_info, offline_env, print_medians, report_file, save_repeats
 from loadtest.stack import local_stack
 from sluice.backlog import read_backlog
 from sluice.protocol import jobs_key, result_key
@@ -249,9 +248,8 @@ def summarize(runs: list[Json]) -> list[tuple[str, list[float]]]:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    out = ns.out or ROOT / "loadtest/reports" / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    offline_env()
+    out = report_file("scaling", ns.out)
     config, started = serve_config(ns), time.time()
     app = config["applications"][0]["name"]
     bar = tqdm(total=2 * ns.repeats, desc="starting redis, Ray, Serve", unit="step")
