@@ -22,7 +22,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
-from sluice import lua
+from sluice import scripts
 from sluice.connection import AsyncRedis, cluster_hint
 from sluice.errors import JobCancelled, Overloaded, UnknownModel
 from sluice.protocol import (
@@ -59,9 +59,9 @@ async def load_library(redis: AsyncRedis) -> None:
 
     On a cluster, on every primary: FCALL runs on the node that owns its keys' slot, and
     redis-py sends FUNCTION LOAD to every primary."""
-    if any(v != lua.LIBRARY_VERSION for v in await _library_versions(redis)):
-        await redis.function_load(lua.LIBRARY, replace=True)
-        log.info("loaded the sluice function library v%s", lua.LIBRARY_VERSION)
+    if any(v != scripts.LIBRARY_VERSION for v in await _library_versions(redis)):
+        await redis.function_load(scripts.LIBRARY, replace=True)
+        log.info("loaded the sluice function library v%s", scripts.LIBRARY_VERSION)
 
 
 async def _library_versions(redis: AsyncRedis) -> list[str | None]:

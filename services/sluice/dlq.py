@@ -2,7 +2,7 @@
 
 A dead letter is the original entry's fields plus `reason`, `deliveries`, `entry_id` (its id
 on the lane) and `lane`. Replay puts the original fields back on their lane in one script
-(lua.REPLAY): the job's `dead_lettered` result is removed so the replay can be answered, and a
+(scripts.REPLAY): the job's `dead_lettered` result is removed so the replay can be answered, and a
 job that has some other final result is left alone. An entry without a usable id cannot be
 replayed (it would only be dead-lettered again): fix it and XADD it yourself.
 """
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sluice import lua
+from sluice import scripts
 from sluice.connection import SyncRedis
 from sluice.protocol import (
     JOB_ID_RE,
@@ -94,7 +94,7 @@ def all_ids(client: SyncRedis, model: str) -> list[str]:
 def replay(client: SyncRedis, model: str, dead_ids: Iterable[str]) -> dict[str, str]:
     """Re-queues dead letters; returns what happened to each: `replayed <new entry id>`,
     `missing`, `answered <status>` or `no usable id`."""
-    script = client.register_script(lua.REPLAY)
+    script = client.register_script(scripts.REPLAY)
     out: dict[str, str] = {}
     for dead_id in dead_ids:
         entry = get(client, model, dead_id)

@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from sluice import lua
+from sluice import scripts
 from sluice.admission import load_library
 from sluice.connection import AsyncRedis, ScriptCall, cluster_hint, is_cluster, run_scripts
 from sluice.connection import connect as connect
@@ -94,12 +94,12 @@ class StreamQueue:
         self.lanes = lane_keys(model)
         self.jobs_key = self.lanes[NORMAL]
         self.dead_key = dead_key(model)
-        self._push_reply = redis.register_script(lua.PUSH_REPLY)
-        self._dead_letter = redis.register_script(lua.DEAD_LETTER)
-        self._push_token = redis.register_script(lua.PUSH_TOKEN)
-        self._pull = redis.register_script(lua.PULL)
-        self._trim = redis.register_script(lua.TRIM)
-        self._finish = redis.register_script(lua.FINISH)
+        self._push_reply = redis.register_script(scripts.PUSH_REPLY)
+        self._dead_letter = redis.register_script(scripts.DEAD_LETTER)
+        self._push_token = redis.register_script(scripts.PUSH_TOKEN)
+        self._pull = redis.register_script(scripts.PULL)
+        self._trim = redis.register_script(scripts.TRIM)
+        self._finish = redis.register_script(scripts.FINISH)
 
     async def ensure_group(self) -> None:
         """Creates the group on every lane at id 0 (never `$`): jobs queued before any
@@ -284,7 +284,7 @@ class StreamQueue:
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> int:
         """Moves entries to the dead stream with their reason, stores any result, acks them.
 
-        One script per entry (lua.DEAD_LETTER): idempotent under retries, a no-op for an entry
+        One script per entry (scripts.DEAD_LETTER): idempotent under retries, a no-op for an entry
         already answered, and nothing is acked if the dead letter cannot be written. Returns
         how many entries it dead-lettered.
         """

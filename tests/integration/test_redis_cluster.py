@@ -256,7 +256,7 @@ def test_cancel_and_malformed_entries_on_a_cluster(cluster, tiny_bert, monkeypat
 
 
 def test_the_result_and_ack_script_answers_as_the_multi_does(cluster):
-    """On a cluster the result-and-ack step is one script (lua.FINISH), not a MULTI: each
+    """On a cluster the result-and-ack step is one script (`finish-n.lua`), not a MULTI: each
     result stored once, each entry acked on its own lane, a duplicate run neither stored
     nor pushed."""
 
