@@ -43,6 +43,10 @@ SyncRedis: TypeAlias = redis.Redis | SyncRedisCluster
 _OPTIONS: dict[str, Any] = {
     "decode_responses": False,
     "socket_connect_timeout": 5,
+    # A reply that never comes (a stalled server, a half-open link) fails the call instead of
+    # hanging it: every caller retries. Replicas set Settings.redis_socket_timeout_s, which
+    # must exceed their blocking pull's block_ms.
+    "socket_timeout": 10,
     "socket_keepalive": True,
     "health_check_interval": 30,
 }

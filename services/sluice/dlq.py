@@ -26,7 +26,8 @@ from sluice.protocol import (
 )
 
 # The fields a replica adds to a dead letter; the rest are the original entry's.
-ADDED = ("reason", "deliveries", "entry_id", "lane")
+# `truncated`: the original fields were cut to fit `dead_entry_max_bytes` (a poison entry).
+ADDED = ("reason", "deliveries", "entry_id", "lane", "truncated")
 
 
 @dataclass(slots=True)
@@ -93,7 +94,7 @@ def all_ids(client: SyncRedis, model: str) -> list[str]:
 
 def replay(client: SyncRedis, model: str, dead_ids: Iterable[str]) -> dict[str, str]:
     """Re-queues dead letters; returns what happened to each: `replayed <new entry id>`,
-    `missing`, `answered <status>` or `no usable id`."""
+    `missing`, `answered <status>`, `no usable id` or `truncated`."""
     script = client.register_script(scripts.REPLAY)
     out: dict[str, str] = {}
     for dead_id in dead_ids:
@@ -103,6 +104,11 @@ def replay(client: SyncRedis, model: str, dead_ids: Iterable[str]) -> dict[str, 
             continue
         if entry.job_id is None:
             out[dead_id] = "no usable id"
+            continue
+        if entry.fields.get("truncated"):
+            # Its fields were cut to bound the dead stream: replaying them would run
+            # something other than what was sent.
+            out[dead_id] = "truncated"
             continue
         keys = [
             dead_key(model),

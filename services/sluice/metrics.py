@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sluice.queue import DeadLetter, Outcome
+    from sluice.queue import Outcome
 
 #: Seconds: from a few ms (a tiny model on a GPU) to minutes (a backlog, a long generation).
 LATENCY_BUCKETS = [
@@ -51,13 +51,19 @@ class Metrics:
 
     def reclaimed(self, n: int) -> None: ...
 
+    def deleted_while_pending(self, n: int) -> None: ...
+
+    def leases_lost(self, n: int) -> None: ...
+
+    def write_failed(self) -> None: ...
+
     def retried(self) -> None: ...
 
     def batch(self, size: int, tokens: int) -> None: ...
 
     def finished(self, outcomes: Sequence[Outcome], stored: int, now_ms: float) -> None: ...
 
-    def dead_lettered(self, letters: Sequence[DeadLetter]) -> None: ...
+    def dead_lettered(self, n: int) -> None: ...
 
     def loaded(self, seconds: float, task: str, dtype: str, device: str) -> None: ...
 
@@ -94,6 +100,17 @@ class RayMetrics(Metrics):
         self._pulled = counter("sluice_jobs_pulled_total", "Entries pulled from the stream")
         self._reclaimed = counter("sluice_reclaims_total", "Entries reclaimed from dead consumers")
         self._retried = counter("sluice_retries_total", "Jobs run again after a retryable error")
+        self._deleted = counter(
+            "sluice_deleted_while_pending_total",
+            "Entries deleted from a lane before they were answered (recorded as dead letters)",
+        )
+        self._leases_lost = counter(
+            "sluice_leases_lost_total",
+            "Entries another replica reclaimed from this live one (it did not renew in time)",
+        )
+        self._write_failures = counter(
+            "sluice_write_failures_total", "Result or dead-letter writes that failed (retried)"
+        )
         self._duplicates = counter(
             "sluice_duplicates_total", "Jobs run whose result another run had stored first"
         )
@@ -136,6 +153,17 @@ class RayMetrics(Metrics):
         if n:
             self._reclaimed.inc(n)
 
+    def deleted_while_pending(self, n: int) -> None:
+        if n:
+            self._deleted.inc(n)
+
+    def leases_lost(self, n: int) -> None:
+        if n:
+            self._leases_lost.inc(n)
+
+    def write_failed(self) -> None:
+        self._write_failures.inc()
+
     def retried(self) -> None:
         self._retried.inc()
 
@@ -160,11 +188,9 @@ class RayMetrics(Metrics):
                 self._batch_wait.observe(max(0.0, o.timings["batch_wait_ms"]) / 1000)
                 self._compute.observe(o.timings["compute_ms"] / 1000)
 
-    def dead_lettered(self, letters: Sequence[DeadLetter]) -> None:
-        if letters:
-            self._finished.inc(
-                len(letters), tags={"status": "dead_letter", "code": "dead_lettered"}
-            )
+    def dead_lettered(self, n: int) -> None:
+        if n:
+            self._finished.inc(n, tags={"status": "dead_letter", "code": "dead_lettered"})
 
     def loaded(self, seconds: float, task: str, dtype: str, device: str) -> None:
         self._load.set(seconds)

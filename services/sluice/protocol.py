@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,11 +160,17 @@ def decode_job(
     limits: QueueSettings,
     deliveries: int = 1,
     lane: int = NORMAL,
+    repeated: Collection[str] = (),
 ) -> Job | BadEntry:
-    """Turns one stream entry into a `Job`, or a `BadEntry` saying what is wrong with it."""
+    """Turns one stream entry into a `Job`, or a `BadEntry` saying what is wrong with it.
+
+    `repeated`: field names the entry gave more than once. Such an entry is ambiguous, so it
+    is refused; with `id` among them it has no usable id either (which one would it be?)."""
     fields, not_utf8 = decode_fields(raw_fields)
     job_id = fields.get("id")
     usable_id = job_id if job_id is not None and JOB_ID_RE.fullmatch(job_id) else None
+    if "id" in repeated:
+        usable_id = None
     reply_to = fields.get("reply_to")
     usable_reply = reply_to if reply_to is not None and REPLY_TO_RE.fullmatch(reply_to) else None
 
@@ -173,6 +179,9 @@ def decode_job(
 
     if job_id is None:
         return bad(InvalidInput("missing field `id`"))
+    if repeated:
+        names = sorted(repeated)[:8]
+        return bad(InvalidInput(f"fields given more than once: {[n[:64] for n in names]}"))
     if usable_id is None:
         return bad(InvalidInput(f"`id` must match {JOB_ID_RE.pattern}, got {job_id[:160]!r}"))
     try:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from sluice.protocol import (
     MODELS_KEY,
     NORMAL,
     PRIORITIES,
+    Job,
     dead_key,
     info_key,
     lane_keys,
@@ -36,16 +37,39 @@ from sluice.settings import QueueSettings
 log = logging.getLogger(__name__)
 
 RawFields = dict[bytes, bytes]
+#: A lane number and an entry id: what a replica holds a lease on.
+Held = tuple[int, str]
+#: Original fields a dead letter keeps at most (the rest are cut, and it is marked).
+DEAD_MAX_FIELDS = 64
+#: Reply pushes and renewals per script call at most (each one is O(its ids)).
+_CHUNK = 500
 
 
 @dataclass(slots=True)
 class Entry:
-    """A stream entry as read: its id, raw fields, delivery count and priority lane."""
+    """A stream entry as read: its id, raw fields, delivery count and priority lane.
+
+    `repeated` names the fields the entry gave more than once (XADD allows it; a dict keeps
+    only the last), so an ambiguous entry can be refused rather than guessed at.
+    """
 
     entry_id: str
     fields: RawFields
     deliveries: int = 1
     lane: int = NORMAL
+    repeated: frozenset[str] = frozenset()
+
+
+def entry_of(entry_id: Any, flat: Sequence[Any] | None, lane: int, deliveries: int = 1) -> Entry:
+    """An `Entry` from a raw reply row: its fields as the flat [name, value, ...] list."""
+    fields: RawFields = {}
+    repeated: set[str] = set()
+    items = list(flat or [])
+    for name, value in zip(items[0::2], items[1::2], strict=False):
+        if name in fields:
+            repeated.add(_id(name))
+        fields[name] = value
+    return Entry(_id(entry_id), fields, deliveries, lane, frozenset(repeated))
 
 
 @dataclass(slots=True)
@@ -77,12 +101,72 @@ class DeadLetter:
     lane: int = NORMAL
 
 
+@dataclass(slots=True)
+class Reclaimed:
+    """What one reclaim pass found: entries taken over from replicas that stopped renewing,
+    and entries deleted while pending (each recorded as a dead letter by the same script)."""
+
+    entries: list[Entry]
+    deleted: list[Held]
+
+
+@dataclass(slots=True)
+class Renewed:
+    """What one lease renewal found: how many leases it renewed, and the entries another
+    consumer holds now (this replica stopped renewing long enough to be reclaimed)."""
+
+    renewed: int
+    taken: list[Held]
+
+
 def _id(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
+def _raw_stream_reply(response: Any, **_: Any) -> Any:
+    """XREADGROUP's reply as Redis sent it, [[key, [[id, [name, value, ...]], ...]], ...]:
+    redis-py's own parser turns each entry's fields into a dict, which hides repeated names."""
+    return response
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    raw = text.encode()
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "ignore")
+
+
+def bounded_fields(
+    original: Mapping[str, str], added: Mapping[str, str], max_bytes: int
+) -> list[str]:
+    """A dead letter's field/value pairs: `added` (reason, deliveries...) whole, then as much
+    of the original entry as fits in `max_bytes` and `DEAD_MAX_FIELDS`, in order. When
+    anything was cut, the letter says so (`truncated: 1`), and `sluice dlq replay` refuses it:
+    a poison entry of any size costs the dead stream a bounded number of bytes."""
+    pairs: list[str] = []
+    budget = max_bytes
+    cut = False
+    for name, value in original.items():
+        if name in added:
+            continue  # ours win a name clash
+        if len(pairs) // 2 >= DEAD_MAX_FIELDS or budget <= 0:
+            cut = True
+            break
+        name_part = _cut(name, min(256, budget))
+        budget -= len(name_part.encode())
+        value_part = _cut(value, max(0, budget))
+        budget -= len(value_part.encode())
+        cut = cut or name_part != name or value_part != value
+        pairs += [name_part, value_part]
+    tail = [x for kv in added.items() for x in kv]
+    return pairs + tail + (["truncated", "1"] if cut else [])
+
+
 class StreamQueue:
-    """One model's lanes as seen by one consumer (one replica)."""
+    """One model's lanes as seen by one consumer (one replica).
+
+    It also keeps the replica's lease book: every entry pulled or reclaimed is held until it
+    is acked (answered, dead-lettered) or handed back, and `renew` resets the idle time of all
+    of them, so that reclaimers only take the entries of replicas that stopped renewing.
+    """
 
     def __init__(
         self, redis: AsyncRedis, model: str, consumer: str, settings: QueueSettings
@@ -94,12 +178,23 @@ class StreamQueue:
         self.lanes = lane_keys(model)
         self.jobs_key = self.lanes[NORMAL]
         self.dead_key = dead_key(model)
+        # The blocking read's entries keep their raw field lists (see entry_of).
+        redis.set_response_callback("XREADGROUP", _raw_stream_reply)
         self._push_reply = redis.register_script(scripts.PUSH_REPLY)
         self._dead_letter = redis.register_script(scripts.DEAD_LETTER)
         self._push_token = redis.register_script(scripts.PUSH_TOKEN)
         self._pull = redis.register_script(scripts.PULL)
         self._trim = redis.register_script(scripts.TRIM)
         self._finish = redis.register_script(scripts.FINISH)
+        self._reclaim = redis.register_script(scripts.RECLAIM)
+        self._renew = redis.register_script(scripts.RENEW)
+        self._held: set[Held] = set()
+        self._cursors = ["0-0"] * len(self.lanes)  # where each lane's next reclaim scan starts
+
+    @property
+    def held(self) -> int:
+        """Entries this consumer holds a lease on (pulled, not yet acked or handed back)."""
+        return len(self._held)
 
     async def ensure_group(self) -> None:
         """Creates the group on every lane at id 0 (never `$`): jobs queued before any
@@ -116,8 +211,11 @@ class StreamQueue:
     async def register(self, info: Mapping[str, str | int | float]) -> None:
         """Marks the model as served (admission refuses unregistered models), with the
         limits admission reads, and loads the submit library for producers."""
-        fields: dict[Any, Any] = {**info, "max_queue_depth": self.settings.max_queue_depth,
-                  "result_ttl_s": self.settings.result_ttl_s}  # fmt: skip
+        fields: dict[Any, Any] = {
+            **info,
+            "max_queue_depth": self.settings.max_queue_depth,
+            "result_ttl_s": self.settings.result_ttl_s,
+        }
         # Not one MULTI: the models set is in a slot of its own on a cluster.
         with cluster_hint():
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -128,75 +226,115 @@ class StreamQueue:
 
     async def pull(self, count: int, block_ms: int | None) -> list[Entry]:
         """Up to `count` new entries, the most urgent lane first; blocks up to `block_ms`
-        when every lane is empty."""
+        when every lane is empty. Each one is held (leased) until acked or handed back."""
         try:
             reply: Any = await self._pull(keys=self.lanes, args=[GROUP, self.consumer, count])
-            # A script's reply carries each entry's fields as a flat [name, value, ...] list.
-            entries = [
-                Entry(_id(eid), dict(zip(flat[0::2], flat[1::2], strict=True)), lane=int(lane))
-                for lane, rows in reply
-                for eid, flat in rows
-            ]
-            if entries or not block_ms:
-                return entries
-            # Nothing anywhere: wait on all lanes at once (whichever fills first wakes us).
-            streams: dict[Any, Any] = dict.fromkeys(self.lanes, ">")
-            reply = await self.redis.xreadgroup(
-                GROUP, self.consumer, streams, count=count, block=block_ms
-            )
+            entries = [entry_of(eid, flat, int(lane)) for lane, rows in reply for eid, flat in rows]
+            if not entries and block_ms:
+                # Nothing anywhere: wait on all lanes at once (whichever fills first wakes us).
+                streams: dict[Any, Any] = dict.fromkeys(self.lanes, ">")
+                reply = await self.redis.xreadgroup(
+                    GROUP, self.consumer, streams, count=count, block=block_ms
+                )
+                # RESP3 answers a map of streams, RESP2 a list of [key, rows] pairs.
+                streams_rows = reply.items() if isinstance(reply, dict) else reply or []
+                entries = [
+                    entry_of(eid, flat, self.lanes.index(_id(key)))
+                    for key, rows in streams_rows
+                    for eid, flat in rows
+                ]
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             await self.ensure_group()
             return []
-        # redis-py returns [[key, [(id, fields), ...]], ...] for RESP2.
-        return [
-            Entry(_id(eid), fields or {}, lane=self.lanes.index(_id(key)))
-            for key, rows in reply or []
-            for eid, fields in rows
-        ]
+        self._hold(entries)
+        return entries
 
-    async def reclaim(self, count: int) -> list[Entry]:
-        """Claims entries idle past the visibility timeout on any consumer (a dead replica's).
-
-        XPENDING gives the delivery counts; XCLAIM with the same min-idle re-checks, so two
-        replicas reclaiming at once cannot both win the same entry.
-        """
+    async def reclaim(self, count: int) -> Reclaimed:
+        """Takes over entries idle past the visibility timeout: their replica stopped renewing
+        its lease (it died, or froze). XAUTOCLAIM re-checks the idle time as it claims, so two
+        replicas reclaiming at once cannot both win an entry; each lane's scan resumes where
+        the last one stopped, so a pass costs O(count) whatever the pending list's length.
+        Entries deleted while pending are recorded as dead letters by the same script."""
         min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
-        entries: list[Entry] = []
+        found = Reclaimed([], [])
         for lane, key in enumerate(self.lanes):
             try:
-                pending: Any = await self.redis.xpending_range(
-                    key, GROUP, min="-", max="+", count=count, idle=min_idle_ms
-                )
+                reply: Any = await self._reclaim(
+                    keys=[key, self.dead_key],
+                    args=[GROUP, self.consumer, min_idle_ms, self._cursors[lane], count,
+                          self.settings.dead_maxlen, PRIORITIES[lane]],
+                )  # fmt: skip
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 continue
-            if not pending:
-                continue
-            counts = {_id(p["message_id"]): int(p["times_delivered"]) for p in pending}
-            claimed: Any = await self.redis.xclaim(
-                key, GROUP, self.consumer, min_idle_ms, list(counts)
-            )
-            # XCLAIM counts this delivery too.
-            entries += [
-                Entry(_id(eid), fields or {}, counts.get(_id(eid), 0) + 1, lane)
-                for eid, fields in claimed
-            ]
-        if entries:
-            log.info("reclaimed %d stale entries of %s", len(entries), self.model)
-        return entries
+            cursor, claimed, deleted = reply
+            self._cursors[lane] = _id(cursor)
+            found.entries += [entry_of(eid, flat, lane, int(n)) for eid, flat, n in claimed]
+            found.deleted += [(lane, _id(eid)) for eid in deleted]
+        self._hold(found.entries)
+        if found.entries:
+            log.info("reclaimed %d stale entries of %s", len(found.entries), self.model)
+        if found.deleted:
+            log.warning(
+                "%d entries of %s were deleted while pending (trimmed or XDELed before they "
+                "were answered); recorded as dead letters, reason deleted_while_pending: %s",
+                len(found.deleted), self.model, found.deleted[:5],
+            )  # fmt: skip
+        return found
+
+    async def renew(self) -> Renewed:
+        """Renews this consumer's lease on every entry it holds (one script per lane and
+        chunk); forgets those acked meanwhile and those another consumer took over."""
+        by_lane: dict[int, list[str]] = {}
+        for lane, entry_id in self._held:
+            by_lane.setdefault(lane, []).append(entry_id)
+        calls = [
+            (lane, ids[i : i + _CHUNK])
+            for lane, ids in by_lane.items()
+            for i in range(0, len(ids), _CHUNK)
+        ]
+        replies = await run_scripts(self.redis, [
+            ScriptCall(self._renew, [self.lanes[lane]], [GROUP, self.consumer, "", *ids])
+            for lane, ids in calls
+        ])  # fmt: skip
+        renewed, taken = 0, []
+        for (lane, ids), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            gone, other = ({_id(i) for i in part} for part in reply)
+            self._held.difference_update((lane, i) for i in gone | other)
+            taken += [(lane, i) for i in other]
+            renewed += len(ids) - len(gone) - len(other)
+        if taken:
+            log.warning(
+                "%d entries of %s were reclaimed by another replica (this one did not renew "
+                "its lease in time); whichever answers first wins", len(taken), self.model,
+            )  # fmt: skip
+        return Renewed(renewed, taken)
 
     async def keep(self, lane: int, entry_id: str, deliveries: int) -> bool:
-        """Keeps an entry this consumer is retrying: resets its idle time (so nobody
-        reclaims it during the backoff) and records the delivery count a reclaimer would
-        see. False if the entry is no longer pending (answered meanwhile)."""
-        claimed: Any = await self.redis.xclaim(
-            self.lanes[lane], GROUP, self.consumer, 0, [entry_id],
-            retrycount=deliveries, justid=True,
-        )  # fmt: skip
-        return bool(claimed)
+        """Keeps an entry this consumer is retrying: renews its lease and records the delivery
+        count a reclaimer would see. False if it is no longer this consumer's (answered, or
+        taken over meanwhile)."""
+        reply: Any = await self._renew(
+            keys=[self.lanes[lane]], args=[GROUP, self.consumer, deliveries, entry_id]
+        )
+        gone, taken = reply
+        if gone or taken:
+            self._held.discard((lane, entry_id))
+            return False
+        return True
+
+    def release(self, entries: Iterable[Outcome | DeadLetter | Job]) -> None:
+        """Stops renewing these entries: left pending, they are reclaimed after the visibility
+        timeout (a write Redis keeps refusing, or a stop that could not finish them)."""
+        self._held.difference_update((e.lane, e.entry_id) for e in entries)
+
+    def _hold(self, entries: Iterable[Entry]) -> None:
+        self._held.update((e.lane, e.entry_id) for e in entries)
 
     async def existing_results(self, job_ids: Sequence[str]) -> list[bytes | None]:
         """The stored result of each id, if it has one already (cancelled, or a reused id)."""
@@ -205,67 +343,61 @@ class StreamQueue:
         values: Any = await self.redis.mget([result_key(self.model, i) for i in job_ids])
         return list(values)
 
-    async def finish(self, outcomes: Sequence[Outcome], since_ms: float | None = None) -> int:
-        """Stores each result once (SET NX, first writer wins) and acks, in one MULTI.
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Stores each result once (SET NX GET: the first writer wins) and acks, in one MULTI;
+        then pushes each job's one stored result to its `reply_to`.
 
-        Then pushes to `reply_to` exactly what the job's one result is, once per entry:
-        this call's result when it won; the stored one when another writer won but this
-        entry was still unanswered (a cancel, or the same id queued twice); nothing for a
-        duplicate run of an entry that was answered already. Returns how many it stored.
-        `since_ms`: when the first attempt of this write began, for a retry (see PUSH_REPLY).
+        Every entry's push carries the result that is stored, whoever stored it: this one, an
+        earlier attempt of this very write (retried after a lost reply), a cancel, or another
+        replica's run. So a reply reaches `reply_to` at least once whatever failed, and never a
+        result other than the stored one; repeats carry the job id and readers drop them.
+        Returns, per outcome, whether its result is the stored one (this write, or an earlier
+        attempt of it), as opposed to another writer's. O(batch): nothing is searched.
         """
         if not outcomes:
-            return 0
-        replies = await self._store_and_ack(outcomes)
-        won = replies[0::2]
-        acked = replies[1::2]
-        pushes = [
-            (o.reply_to, o.result_json, "") for o, ok in zip(outcomes, won, strict=True) if ok
+            return []
+        before = await self._store_and_ack(outcomes)
+        won = [
+            prev is None or prev == o.result_json for o, prev in zip(outcomes, before, strict=True)
         ]
-        lost = [(o, ack) for o, ok, ack in zip(outcomes, won, acked, strict=True) if not ok]
-        stored = len(pushes)
-        if lost:
-            keys = [result_key(self.model, o.job_id) for o, _ in lost]
-            current: Any = await self.redis.mget(keys)
-            for (o, ack), value in zip(lost, current, strict=True):
-                if value is None:
-                    continue  # the result expired already: nothing to say
-                if value == o.result_json:
-                    # This very write, retried after Redis failed mid-way: the push is owed,
-                    # unless the failed attempt got as far as pushing (look back from then).
-                    stored += 1
-                    pushes.append((o.reply_to, value, _look_back_id(since_ms)))
-                elif ack:
-                    pushes.append((o.reply_to, value, ""))
+        pushes = [
+            (o.reply_to, o.job_id, o.result_json if prev is None else prev)
+            for o, prev in zip(outcomes, before, strict=True)
+        ]
+        self.release(outcomes)
         await self._push_replies(pushes)
-        return stored
+        return won
 
-    async def _store_and_ack(self, outcomes: Sequence[Outcome]) -> list[Any]:
-        """[stored, acked] for each outcome, flattened, from one MULTI or its script twin."""
+    async def _store_and_ack(self, outcomes: Sequence[Outcome]) -> list[bytes | None]:
+        """For each outcome, the result stored before this write (None: this one is stored now),
+        from one MULTI or, on a cluster, its script twin; every entry is acked."""
         ttl = self.settings.result_ttl_s
         results = [result_key(self.model, o.job_id) for o in outcomes]
         if is_cluster(self.redis):
             args = [x for o in outcomes for x in (o.lane, o.entry_id, o.result_json)]
             reply: Any = await self._finish(keys=[*self.lanes, *results], args=[GROUP, ttl, *args])
-            return list(reply)
+            return [None if isinstance(prev, int) else prev for prev in reply]
         async with self.redis.pipeline(transaction=True) as tx:
             for o, key in zip(outcomes, results, strict=True):
-                tx.set(key, o.result_json, nx=True, ex=ttl)
+                tx.set(key, o.result_json, nx=True, ex=ttl, get=True)
                 tx.xack(self.lanes[o.lane], GROUP, o.entry_id)
-            return list(await tx.execute())
+            replies = await tx.execute()
+        return list(replies[0::2])
 
-    async def _push_replies(self, owed: Sequence[tuple[str | None, bytes, str]]) -> None:
-        pushes = [(reply_to, body, since) for reply_to, body, since in owed if reply_to]
+    async def _push_replies(self, owed: Sequence[tuple[str | None, str, bytes]]) -> None:
+        pushes = [(reply_to, job_id, body) for reply_to, job_id, body in owed if reply_to]
         if not pushes:
             return
         limits = (self.settings.reply_maxlen, self.settings.reply_ttl_s)
         results = await run_scripts(self.redis, [
-            ScriptCall(self._push_reply, [reply_to], [body, *limits, since])
-            for reply_to, body, since in pushes
+            ScriptCall(self._push_reply, [reply_to], [job_id, body, *limits])
+            for reply_to, job_id, body in pushes
         ])  # fmt: skip
+        # A lost connection raises out of the pipeline (the caller retries the whole write,
+        # which pushes again). What is left here is a refusal of one key (NOPERM, not a
+        # stream): the result is stored and acked either way, so it costs only that push.
         for (reply_to, _, _), res in zip(pushes, results, strict=True):
             if res == 0 or isinstance(res, Exception):
-                # The result is stored and acked either way: a bad reply_to costs only the push.
                 log.warning("no reply pushed to %r: %s", reply_to, res or "not a stream")
 
     async def push_tokens(self, deltas: Sequence[tuple[str, str, int, str, int]]) -> int:
@@ -284,37 +416,39 @@ class StreamQueue:
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> int:
         """Moves entries to the dead stream with their reason, stores any result, acks them.
 
-        One script per entry (scripts.DEAD_LETTER): idempotent under retries, a no-op for an entry
-        already answered, and nothing is acked if the dead letter cannot be written. Returns
-        how many entries it dead-lettered.
+        One script per entry (`dead_letter-3.lua`): idempotent under retries, and a job that
+        has a final result already (a cancel, another replica's answer) gets no dead letter:
+        its entry is acked and that result pushed, so every job ends once. Nothing is acked if
+        the dead letter cannot be written. Returns how many entries it dead-lettered.
         """
         if not letters:
             return 0
-        limits = (GROUP, self.settings.dead_maxlen)
         calls = []
         for d in letters:
             result = d.outcome.result_json if d.outcome is not None else b""
             key = result_key(self.model, d.outcome.job_id) if d.outcome else self.dead_key
-            # The original fields first; ours after, so they win a name clash.
-            fields = {**d.fields, "reason": d.reason, "deliveries": str(d.deliveries),
-                      "entry_id": d.entry_id, "lane": PRIORITIES[d.lane]}  # fmt: skip
-            pairs = [x for kv in fields.items() for x in kv]
+            added = {"reason": d.reason, "deliveries": str(d.deliveries),
+                     "entry_id": d.entry_id, "lane": PRIORITIES[d.lane]}  # fmt: skip
+            pairs = bounded_fields(d.fields, added, self.settings.dead_entry_max_bytes)
             calls.append(ScriptCall(
                 self._dead_letter, [self.lanes[d.lane], self.dead_key, key],
-                [d.entry_id, *limits, result, self.settings.result_ttl_s, *pairs],
+                [d.entry_id, GROUP, self.settings.dead_maxlen, result,
+                 self.settings.result_ttl_s, *pairs],
             ))  # fmt: skip
         replies = await run_scripts(self.redis, calls)
         for reply in replies:
             if isinstance(reply, Exception):
-                raise reply  # the worker retries the write (DEAD_LETTER is idempotent)
-        stored = [
-            (d.outcome.reply_to, d.outcome.result_json, "")
-            for d, r in zip(letters, replies, strict=True)
-            if r == 2 and d.outcome
+                raise reply  # the worker retries the write (the script is idempotent)
+        pushes = [
+            (d.outcome.reply_to, d.outcome.job_id, body)
+            for d, (_, body) in zip(letters, replies, strict=True)
+            if d.outcome is not None and body
         ]
-        await self._push_replies(stored)
-        done = sum(1 for r in replies if r)
-        log.warning("dead-lettered %d entries on %s", done, self.dead_key)
+        self.release(letters)
+        await self._push_replies(pushes)
+        done = sum(int(done) for done, _ in replies)
+        if done:
+            log.warning("dead-lettered %d entries on %s", done, self.dead_key)
         return done
 
     async def trim(self) -> int:
@@ -349,14 +483,6 @@ class StreamQueue:
             for key in self.lanes:
                 with contextlib.suppress(ResponseError):
                     await self.redis.xgroup_delconsumer(key, GROUP, self.consumer)
-
-
-def _look_back_id(since_ms: float | None) -> str:
-    """Where a retried push looks for an earlier attempt's entry: from a minute before that
-    attempt began (reply entry ids are Redis's clock, the attempt's time is ours)."""
-    if since_ms is None:
-        return "0-0"
-    return f"{max(0, int(since_ms) - 60_000)}-0"
 
 
 class Backoff:

@@ -60,7 +60,11 @@ class Replica:
         self.lifecycle["loaded_ms"] = time.time() * 1000
         self.consumer = consumer_name()
         settings = self.config.settings
-        redis = connect(settings.redis_url, cluster=settings.redis_cluster)
+        redis = connect(
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            socket_timeout=settings.redis_socket_timeout_s,
+        )
         queue = StreamQueue(redis, model.name, self.consumer, self.config.settings.queue)
         metrics = RayMetrics(model.name) if settings.metrics else Metrics()
         precision = getattr(runner, "precision", None)

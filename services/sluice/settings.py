@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -25,11 +25,23 @@ class QueueSettings(BaseModel):
         60.0, gt=0, description="an entry pending this long on another consumer is reclaimed"
     )
     reclaim_interval_s: float = Field(5.0, gt=0, description="how often a replica looks")
+    lease_interval_s: float | None = Field(
+        None,
+        gt=0,
+        description="how often a replica renews its lease on the entries it holds "
+        "(default: visibility_timeout_s / 3)",
+    )
     max_deliveries: int = Field(3, ge=1, le=100, description="then the entry is dead-lettered")
     result_ttl_s: int = Field(86_400, ge=1, description="TTL of sluice:{M}:result:<id>")
     reply_ttl_s: int = Field(3_600, ge=1, description="TTL refreshed on each reply_to push")
     reply_maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of a reply stream")
-    dead_maxlen: int = Field(100_000, ge=1, description="approximate MAXLEN of the dead stream")
+    dead_maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of the dead stream")
+    dead_entry_max_bytes: int = Field(
+        73_728,
+        ge=1_024,
+        description="max bytes of one dead letter's fields; longer ones are cut and marked "
+        "`truncated` (the dead stream holds at most about dead_maxlen x this)",
+    )
     max_input_bytes: int = Field(65_536, ge=16, description="max size of the `input` field")
     max_params_bytes: int = Field(4_096, ge=2, description="max size of the `params` field")
     max_queue_depth: int = Field(
@@ -37,6 +49,12 @@ class QueueSettings(BaseModel):
     )
     retry_backoff_s: float = Field(
         0.5, gt=0, description="first wait before a retryable failure is retried (doubles)"
+    )
+    write_stall_s: float = Field(
+        120.0,
+        gt=0,
+        description="a replica whose writes keep failing this long while its pulls succeed "
+        "reports itself unhealthy (Serve replaces it)",
     )
     trim_interval_s: float = Field(
         5.0, gt=0, description="how often acked entries are trimmed from the streams"
@@ -115,6 +133,12 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    redis_socket_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a Redis reply that takes longer fails the call (retried): a stalled "
+        "server or link cannot hang a replica; must exceed queue.block_ms",
+    )
     redis_cluster: bool = Field(
         False,
         description="the URL names a node of a Redis Cluster: connect to the whole cluster "
@@ -125,6 +149,18 @@ class Settings(BaseSettings):
         True, description="replicas record Prometheus metrics (docs/metrics.md); false: none"
     )
     queue: QueueSettings = QueueSettings()
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> Settings:
+        # A blocking pull waits block_ms for a reply: a socket timeout under that would fail
+        # every idle pull.
+        floor_s = self.queue.block_ms / 1000 + 1
+        if self.redis_socket_timeout_s < floor_s:
+            raise ValueError(
+                f"redis_socket_timeout_s must be at least queue.block_ms / 1000 + 1 s "
+                f"({floor_s}), got {self.redis_socket_timeout_s}"
+            )
+        return self
 
 
 class ReplicaConfig(BaseModel):
@@ -139,7 +175,15 @@ class ReplicaConfig(BaseModel):
     def from_args(cls, args: dict[str, Any]) -> ReplicaConfig:
         """Builds from a Serve config's `args`: `{model: {...}, queue: {...}, redis_url?,
         redis_cluster?}`."""
-        allowed = {"model", "queue", "redis_url", "redis_cluster", "log_level", "metrics"}
+        allowed = {
+            "model",
+            "queue",
+            "redis_url",
+            "redis_cluster",
+            "redis_socket_timeout_s",
+            "log_level",
+            "metrics",
+        }
         unknown = set(args) - allowed
         if unknown:
             raise ValueError(f"unknown application args {sorted(unknown)}")

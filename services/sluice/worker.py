@@ -56,11 +56,15 @@ class WorkerStats:
     expired: int = 0
     dead_letters: int = 0
     reclaimed: int = 0
+    deleted_while_pending: int = 0  # recorded as dead letters by the reclaim script
+    leases_renewed: int = 0
+    leases_lost: int = 0  # entries another replica took over (this one froze past the timeout)
     duplicates: int = 0
     skipped: int = 0  # pulled with a final result already (cancelled, or a reused id)
     retries: int = 0
     trimmed: int = 0
     redis_errors: int = 0
+    write_stalled_since: float | None = None  # monotonic; set while a write keeps failing
     tokens_pushed: int = 0  # streamed text deltas (generation)
     started_at: float = field(default_factory=time.time)
 
@@ -92,6 +96,7 @@ class Worker:
         self._next_trim = 0.0
         self._tasks: dict[str, asyncio.Future[None]] = {}
         self._last_emit: concurrent.futures.Future[None] | None = None
+        self._last_pull_ok = 0.0  # monotonic: the last pull Redis answered
         self._aborted = threading.Event()  # a stop that timed out: threads must not block
 
     def _model_stage(self) -> ModelStage:
@@ -123,6 +128,7 @@ class Worker:
         self._own("pull", self._loop.create_task(self._pull_loop()))
         self._own("run", self._loop.run_in_executor(self._model_pool, self._stage.run_forever))
         self._own("write", self._loop.create_task(self._write_loop()))
+        self._own("lease", self._loop.create_task(self._lease_loop()))
 
     def _own(self, name: str, future: asyncio.Future[None]) -> None:
         def on_done(fut: asyncio.Future[None]) -> None:
@@ -133,11 +139,22 @@ class Worker:
         self._tasks[name] = future
 
     def check_health(self) -> None:
-        """Raises if a loop has died: Serve then replaces this replica."""
+        """Raises if a loop has died, or if writes have kept failing for `write_stall_s` while
+        Redis answers this replica's pulls (so the fault is this replica's): Serve then
+        replaces it, and its entries, still pending, are reclaimed elsewhere. A Redis down
+        for everyone is not this replica's fault: it keeps retrying."""
         for name, task in self._tasks.items():
             if task.done() and not self._stopping.is_set():
                 exc = None if task.cancelled() else task.exception()
                 raise RuntimeError(f"the {name} loop of {self.model.name} stopped: {exc!r}")
+        since = self._stats.write_stalled_since
+        if since is not None and self._last_pull_ok > since:
+            stalled_s = time.monotonic() - since
+            if stalled_s > self.limits.write_stall_s:
+                raise RuntimeError(
+                    f"writes of {self.model.name} have failed for {stalled_s:.0f}s while pulls "
+                    f"succeed (write_stall_s {self.limits.write_stall_s})"
+                )
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stops pulling, finishes the batches already pulled, writes their results.
@@ -187,6 +204,7 @@ class Worker:
                     group_ready = True
                     self.ready.set()
                 entries = await self._collector.collect(self._stage.time_left_s)
+                self._last_pull_ok = time.monotonic()
                 backoff.reset()
             except (RedisError, OSError) as exc:
                 self.stats.redis_errors += 1
@@ -213,16 +231,35 @@ class Worker:
         if now < self._next_reclaim:
             return []
         self._next_reclaim = now + self.limits.reclaim_interval_s
-        entries = await self.queue.reclaim(self.model.max_batch_size)
-        self.stats.reclaimed += len(entries)
-        self.metrics.reclaimed(len(entries))
-        return entries
+        found = await self.queue.reclaim(self.model.max_batch_size)
+        self.stats.reclaimed += len(found.entries)
+        self.stats.deleted_while_pending += len(found.deleted)
+        self.metrics.reclaimed(len(found.entries))
+        self.metrics.deleted_while_pending(len(found.deleted))
+        return found.entries
 
     async def _maybe_trim(self) -> None:
         now = time.monotonic()
         if now >= self._next_trim:
             self._next_trim = now + self.limits.trim_interval_s
             self.stats.trimmed += await self.queue.trim()
+
+    async def _lease_loop(self) -> None:
+        """Renews the lease on every entry this replica holds, every `lease_interval_s`, for
+        as long as it runs (through a stop's drain too): a job that runs for many visibility
+        timeouts is never reclaimed from a live replica."""
+        interval_s = self.limits.lease_interval_s or self.limits.visibility_timeout_s / 3
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                renewed = await self.queue.renew()
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                log.warning("could not renew leases (%r); retrying", exc)
+                continue
+            self.stats.leases_renewed += renewed.renewed
+            self.stats.leases_lost += len(renewed.taken)
+            self.metrics.leases_lost(len(renewed.taken))
 
     async def _admit(self, entries: Sequence[Entry]) -> None:
         """Answers what cannot run (bad, expired, over-delivered); sends the rest on."""
@@ -232,8 +269,9 @@ class Worker:
         letters: list[DeadLetter] = []
         for entry in entries:
             decoded = decode_job(
-                entry.entry_id, entry.fields, self.limits, entry.deliveries, entry.lane
-            )
+                entry.entry_id, entry.fields, self.limits, entry.deliveries, entry.lane,
+                entry.repeated,
+            )  # fmt: skip
             if entry.deliveries > self.limits.max_deliveries:
                 letters.append(
                     over_delivered(self.model.name, self.limits.max_deliveries, entry, decoded)
@@ -341,9 +379,22 @@ class Worker:
         try:
             # Count this run in Redis too: a crash now must not reset the count.
             if not await self.queue.keep(job.lane, job.entry_id, job.deliveries + 1):
-                return  # answered meanwhile
+                return  # answered meanwhile, or taken over by another replica
+            (stored,) = await self.queue.existing_results([job.id])
         except (RedisError, OSError) as exc:
             log.warning("could not keep %s for a retry (%r): left for reclaim", job.id, exc)
+            self.queue.release([job])
+            return
+        if stored is not None:
+            # Cancelled (or answered elsewhere) during the backoff: that result is the one.
+            self.stats.skipped += 1
+            await self._send([Outcome(job.entry_id, job.id, stored, job.reply_to, "skipped",
+                                      job.lane)])  # fmt: skip
+            return
+        if job.expired():
+            # Its deadline passed during the backoff: it ends `expired`, not run again.
+            err = JobExpired("deadline passed while waiting to be retried")
+            await self._send([outcome_of(job, error_result(self.model.name, job.id, err))])
             return
         job.deliveries += 1
         self.stats.retries += 1
@@ -352,42 +403,52 @@ class Worker:
         await self._send(refused)
 
     async def _write_until_done(self, item: list[Outcome] | list[DeadLetter]) -> None:
-        """Retries through outages (results wait in memory; every write is idempotent). A
-        write Redis keeps refusing (WRONGTYPE, READONLY...) is given up after a few tries:
-        its entries stay pending, unacked, and are reclaimed later, never lost."""
+        """Retries through outages (results wait in memory; every write is idempotent and
+        O(batch), so a retry costs what the first attempt did). A write Redis keeps refusing
+        (WRONGTYPE, READONLY...) is given up after a few tries: its entries are handed back
+        (left pending, no longer renewed) and reclaimed later, never lost."""
         backoff, refusals = Backoff(), 0
-        first_ms: float | None = None  # set once an attempt failed: later ones are retries
-        started_ms = time.time() * 1000
         while True:
             try:
-                await self._write(item, first_ms)
+                await self._write(item)
+                self._stats.write_stalled_since = None
                 return
             except ResponseError as exc:
-                first_ms = first_ms or started_ms
                 refusals += 1
-                self.stats.redis_errors += 1
+                self._write_failed()
                 if refusals >= 3:
-                    log.error("redis refused a write %d times (%r); %d entries left pending",
+                    log.error("redis refused a write %d times (%r); %d entries handed back",
                               refusals, exc, len(item))  # fmt: skip
+                    self.queue.release(item)
                     return
                 await backoff.sleep()
             except (RedisError, OSError) as exc:
-                first_ms = first_ms or started_ms
-                self.stats.redis_errors += 1
+                self._write_failed()
                 log.warning("redis unavailable while writing (%r); retrying", exc)
                 await backoff.sleep()
 
-    async def _write(self, item: list[Outcome] | list[DeadLetter], since_ms: float | None) -> None:
+    def _write_failed(self) -> None:
+        self.stats.redis_errors += 1
+        self.metrics.write_failed()
+        if self._stats.write_stalled_since is None:
+            self._stats.write_stalled_since = time.monotonic()
+
+    async def _write(self, item: list[Outcome] | list[DeadLetter]) -> None:
         if item and isinstance(item[0], DeadLetter):
             letters = [d for d in item if isinstance(d, DeadLetter)]
-            self.stats.dead_letters += await self.queue.dead_letter(letters)
-            self.metrics.dead_lettered(letters)
+            done = await self.queue.dead_letter(letters)
+            self.stats.dead_letters += done
+            self.metrics.dead_lettered(done)
             return
         outcomes = [o for o in item if isinstance(o, Outcome)]
-        stored = await self.queue.finish(outcomes, since_ms)
-        self.metrics.finished(outcomes, stored, time.time() * 1000)
-        self.stats.duplicates += len(outcomes) - stored
-        for o in outcomes:
+        won = await self.queue.finish(outcomes)
+        # A skipped job was answered before it ran (cancelled, or its id reused): neither a
+        # result of this replica's nor a duplicate run.
+        ran = [(o, w) for o, w in zip(outcomes, won, strict=True) if o.status != "skipped"]
+        stored = sum(1 for _, w in ran if w)
+        self.metrics.finished(outcomes, stored + len(outcomes) - len(ran), time.time() * 1000)
+        self.stats.duplicates += len(ran) - stored
+        for o, _ in ran:
             if o.status == "ok":
                 self.stats.ok += 1
             elif o.status == "expired":

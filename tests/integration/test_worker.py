@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import orjson
@@ -170,6 +169,7 @@ def test_dead_letters_are_idempotent_and_a_refused_one_acks_nothing(redis_url, m
         # Retried after a lost reply: one dead letter, not two.
         assert await q.dead_letter([letter]) == 1
         assert await q.dead_letter([letter]) == 0
+        assert q.held == 1  # the other entry, still pulled and unanswered
         assert await r.xlen(dead_key(model_name)) == 1
         # The dead stream is not a stream: the entry must stay pending, not be acked.
         await r.delete(dead_key(model_name))
@@ -185,7 +185,7 @@ def test_dead_letters_are_idempotent_and_a_refused_one_acks_nothing(redis_url, m
     asyncio.run(scenario())
 
 
-def test_a_retried_finish_still_pushes_the_reply_once(redis_url, model_name):
+def test_a_retried_finish_pushes_the_stored_result_again_and_never_another(redis_url, model_name):
     from sluice.protocol import GROUP
     from sluice.queue import Outcome
 
@@ -198,16 +198,17 @@ def test_a_retried_finish_still_pushes_the_reply_once(redis_url, model_name):
         await r.set(result_key(model_name, "f1"), outcome.result_json, nx=True)
         await r.xack(jobs_key(model_name), GROUP, entry.entry_id)
 
-        assert await q.finish([outcome]) == 1
-        assert await r.xlen(reply) == 1
-        # Redis failed after that push ran but before its reply came back: the write is
-        # retried (since_ms: when the first attempt began), and the push is not repeated.
-        assert await q.finish([outcome], since_ms=time.time() * 1000) == 1
-        assert await r.xlen(reply) == 1
-        # A duplicate *run* (different bytes) neither stores nor pushes.
+        assert await q.finish([outcome]) == [True]  # the stored result is this write's own
+        # Redis failed after that push but before its reply came back: the retry pushes
+        # again (at-least-once, the same bytes, with the job id for readers to drop it).
+        assert await q.finish([outcome]) == [True]
+        # A duplicate *run* (different bytes) stores nothing and pushes the stored result.
         rerun = Outcome(entry.entry_id, "f1", b'{"id":"f1","status":"ok","x":1}', reply)
-        assert await q.finish([rerun]) == 0
-        assert await r.xlen(reply) == 1
+        assert await q.finish([rerun]) == [False]
+        pushed = await r.xrange(reply)
+        assert [f[b"id"] for _, f in pushed] == [b"f1"] * 3
+        assert {f[b"result"] for _, f in pushed} == {outcome.result_json}
+        assert await r.get(result_key(model_name, "f1")) == outcome.result_json
         await r.aclose()
 
     asyncio.run(scenario())

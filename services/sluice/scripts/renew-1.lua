@@ -1,0 +1,32 @@
+-- KEYS: one lane. ARGV: group, consumer, retry count or '', then entry ids.
+-- Renews this consumer's lease on entries it still holds (pulled, waiting for the model,
+-- running, or waiting to be written): XCLAIM ... JUSTID with min-idle 0 resets their idle
+-- time without counting a delivery, so reclaimers (XAUTOCLAIM past the visibility timeout)
+-- only ever take the entries of a replica that stopped renewing. With a retry count, the
+-- entries' delivery count is set to it (a retry counts its run in Redis, so a crash during
+-- the backoff cannot reset it).
+-- Only entries still pending on this very consumer are renewed: one another consumer took
+-- over (this replica was frozen past the timeout) is never taken back.
+-- Returns {ids no longer pending (acked), ids now held by another consumer}.
+local mine, gone, taken = {}, {}, {}
+for i = 4, #ARGV do
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if not row then
+    gone[#gone + 1] = ARGV[i]
+  elseif row[2] ~= ARGV[2] then
+    taken[#taken + 1] = ARGV[i]
+  else
+    mine[#mine + 1] = ARGV[i]
+  end
+end
+if #mine > 0 then
+  local args = {KEYS[1], ARGV[1], ARGV[2], 0}
+  for _, id in ipairs(mine) do args[#args + 1] = id end
+  if ARGV[3] ~= '' then
+    args[#args + 1] = 'RETRYCOUNT'
+    args[#args + 1] = ARGV[3]
+  end
+  args[#args + 1] = 'JUSTID'
+  redis.call('XCLAIM', unpack(args))
+end
+return {gone, taken}
