@@ -5,10 +5,11 @@ Redis can tell it from the outside alone:
 
 - the stored result `sluice:{M}:result:<id>` is the one final result (SET NX: first writer wins,
   so a second result can never overwrite it);
-- a second *answer* would show on the job's `reply_to` stream: a push follows only a winning
-  store (or a retried write of the same bytes), so every id is pushed at most once, and what was
-  pushed is what is stored. A push can be missing only when a replica died between its MULTI and
-  its push; callers bound how many such pushes they tolerate;
+- a second *answer* would show on the job's `reply_to` stream: every push carries the stored
+  result, so what was pushed is what is stored, whoever pushed it. Pushes are at-least-once (a
+  retried write, a duplicate run, a reclaimed entry push the same result again): repeats are
+  counted, never a different result. An entry is acked only after its push, so none is missing
+  unless a caller says so (`max_missing_pushes`, for replies it chose not to wait for);
 - the dead stream holds at most one letter per id (and per entry), whose job got the stored
   `dead_lettered` error; letters of entries with no usable id are counted apart;
 - nothing is left pending or undelivered in any lane of the group.
@@ -38,7 +39,7 @@ class Report:
     results: dict[str, dict[str, Any]]  # id -> its stored result
     dead: dict[str, dict[str, str]]  # id -> its one dead letter (checked ids only)
     dead_without_id: list[dict[str, str]]  # letters of entries with no usable id
-    pushes: Counter[str] = field(default_factory=Counter)  # id -> pushes seen (0 or 1)
+    pushes: Counter[str] = field(default_factory=Counter)  # id -> pushes seen (repeats: >1)
     missing_pushes: list[str] = field(default_factory=list)
 
     @property
@@ -61,8 +62,13 @@ class Report:
         return (
             f"{len(self.results)} ids: {dict(self.statuses)}, errors {dict(self.error_codes)}, "
             f"{len(self.dead)} dead letters, {len(self.dead_without_id)} without an id, "
-            f"{len(self.missing_pushes)} pushes missing"
+            f"{len(self.missing_pushes)} pushes missing, {self.repeated_pushes} repeated"
         )
+
+    @property
+    def repeated_pushes(self) -> int:
+        """Pushes beyond the first of an id (the same stored result again: at-least-once)."""
+        return sum(n - 1 for n in self.pushes.values() if n > 1)
 
 
 def check_exactly_once(
@@ -83,7 +89,8 @@ def check_exactly_once(
     Args:
         ids: the job ids that entered (unique). A dead letter of an id outside it fails the
             check; pushes of other ids (a shared reply stream) are checked for duplicates only.
-        reply_streams: the `reply_to` streams the jobs named; each id at most once on them.
+        reply_streams: the `reply_to` streams the jobs named; each id at least once on them,
+            every push equal to the stored result.
         expect_pushed: the ids that must have been pushed (default: all, when streams given).
         max_missing_pushes: how many of those may lack a push (a crash between store and push).
         allow_dead: dead letters are allowed (each id at most one); else none at all.
@@ -208,8 +215,8 @@ def _check_pushes(
     max_missing: int,
     deadline: float,
 ) -> tuple[Counter[str], list[str]]:
-    """Every push is the stored result of its id, at most once; at most `max_missing` of the
-    expected ids unpushed. Waits briefly for pushes still in flight (they follow the store)."""
+    """Every push is the stored result of its id (repeats allowed, counted); at most
+    `max_missing` of the expected ids unpushed. Waits briefly for pushes still in flight."""
     settle = min(deadline, time.monotonic() + 5.0)
     while True:
         bodies = [
@@ -220,8 +227,6 @@ def _check_pushes(
         if not missing or time.monotonic() > settle:
             break
         time.sleep(0.2)
-    twice = {i: n for i, n in pushed.items() if n > 1}
-    assert not twice, f"{len(twice)} ids answered more than once: {list(twice.items())[:10]}"
     differ = [orjson.loads(b)["id"] for b in bodies if _differs(b, results)]
     assert not differ, f"pushed results that differ from the stored one: {differ[:10]}"
     assert len(missing) <= max_missing, (

@@ -12,14 +12,14 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from sluice import scripts
 from sluice.admission import load_library
-from sluice.connection import AsyncRedis, ScriptCall, cluster_hint, is_cluster, run_scripts
+from sluice.connection import AsyncRedis, ScriptCall, cluster_hint, run_scripts
 from sluice.connection import connect as connect
 from sluice.protocol import (
     GROUP,
@@ -108,6 +108,7 @@ class Reclaimed:
 
     entries: list[Entry]
     deleted: list[Held]
+    errors: list[Exception] = field(default_factory=list)  # lanes that failed (others ran)
 
 
 @dataclass(slots=True)
@@ -117,6 +118,7 @@ class Renewed:
 
     renewed: int
     taken: list[Held]
+    deleted: list[Held] = field(default_factory=list)  # held, deleted from the lane meanwhile
 
 
 def _id(raw: bytes | str) -> str:
@@ -156,7 +158,8 @@ def bounded_fields(
         budget -= len(value_part.encode())
         cut = cut or name_part != name or value_part != value
         pairs += [name_part, value_part]
-    tail = [x for kv in added.items() for x in kv]
+    # Ours are bounded too: a reason quotes an exception's message, which can be any size.
+    tail = [x for k, v in added.items() for x in (k, _cut(v, 1024))]
     return pairs + tail + (["truncated", "1"] if cut else [])
 
 
@@ -185,11 +188,11 @@ class StreamQueue:
         self._push_token = redis.register_script(scripts.PUSH_TOKEN)
         self._pull = redis.register_script(scripts.PULL)
         self._trim = redis.register_script(scripts.TRIM)
-        self._finish = redis.register_script(scripts.FINISH)
+        self._store = redis.register_script(scripts.STORE)
         self._reclaim = redis.register_script(scripts.RECLAIM)
         self._renew = redis.register_script(scripts.RENEW)
         self._held: set[Held] = set()
-        self._cursors = ["0-0"] * len(self.lanes)  # where each lane's next reclaim scan starts
+        self._cursors = ["-"] * len(self.lanes)  # where each lane's next reclaim scan starts
 
     @property
     def held(self) -> int:
@@ -229,7 +232,16 @@ class StreamQueue:
         when every lane is empty. Each one is held (leased) until acked or handed back."""
         try:
             reply: Any = await self._pull(keys=self.lanes, args=[GROUP, self.consumer, count])
-            entries = [entry_of(eid, flat, int(lane)) for lane, rows in reply for eid, flat in rows]
+            entries = [
+                entry_of(eid, flat, int(lane))
+                for lane, rows in reply
+                if int(lane) >= 0
+                for eid, flat in rows
+            ]
+            if any(int(lane) < 0 for lane, _ in reply):
+                self._hold(entries)  # delivered already: they go on, the group comes back
+                await self.ensure_group()
+                return entries
             if not entries and block_ms:
                 # Nothing anywhere: wait on all lanes at once (whichever fills first wakes us).
                 streams: dict[Any, Any] = dict.fromkeys(self.lanes, ">")
@@ -253,10 +265,12 @@ class StreamQueue:
 
     async def reclaim(self, count: int) -> Reclaimed:
         """Takes over entries idle past the visibility timeout: their replica stopped renewing
-        its lease (it died, or froze). XAUTOCLAIM re-checks the idle time as it claims, so two
-        replicas reclaiming at once cannot both win an entry; each lane's scan resumes where
-        the last one stopped, so a pass costs O(count) whatever the pending list's length.
-        Entries deleted while pending are recorded as dead letters by the same script."""
+        its lease (it died, or froze). One script per lane (`reclaim-2.lua`) reads a bounded
+        page of the pending list from where the last pass stopped, so a pass costs O(count)
+        whatever the list's length, and claims only the stale rows (XCLAIM re-checks the idle
+        time, so two replicas reclaiming at once cannot both win one). Stale entries deleted
+        while pending are recorded as dead letters by the same script. A lane that fails is
+        reported in `errors`; what the others claimed is returned all the same."""
         min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
         found = Reclaimed([], [])
         for lane, key in enumerate(self.lanes):
@@ -268,7 +282,12 @@ class StreamQueue:
                 )  # fmt: skip
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
-                    raise
+                    found.errors.append(exc)
+                continue
+            except (RedisError, OSError) as exc:
+                # What earlier lanes claimed is delivered to this consumer already: return it
+                # (it would sit pending, unrenewed, for a whole timeout otherwise).
+                found.errors.append(exc)
                 continue
             cursor, claimed, deleted = reply
             self._cursors[lane] = _id(cursor)
@@ -280,7 +299,8 @@ class StreamQueue:
         if found.deleted:
             log.warning(
                 "%d entries of %s were deleted while pending (trimmed or XDELed before they "
-                "were answered); recorded as dead letters, reason deleted_while_pending: %s",
+                "were answered, and their replica is gone); recorded as dead letters, reason "
+                "deleted_while_pending: %s",
                 len(found.deleted), self.model, found.deleted[:5],
             )  # fmt: skip
         return found
@@ -300,20 +320,26 @@ class StreamQueue:
             ScriptCall(self._renew, [self.lanes[lane]], [GROUP, self.consumer, "", *ids])
             for lane, ids in calls
         ])  # fmt: skip
-        renewed, taken = 0, []
+        renewed, taken, deleted = 0, [], []
         for (lane, ids), reply in zip(calls, replies, strict=True):
             if isinstance(reply, Exception):
                 raise reply
-            gone, other = ({_id(i) for i in part} for part in reply)
+            gone, other, removed = ({_id(i) for i in part} for part in reply)
             self._held.difference_update((lane, i) for i in gone | other)
             taken += [(lane, i) for i in other]
-            renewed += len(ids) - len(gone) - len(other)
+            deleted += [(lane, i) for i in removed]
+            renewed += len(ids) - len(gone) - len(other) - len(removed)
         if taken:
             log.warning(
                 "%d entries of %s were reclaimed by another replica (this one did not renew "
                 "its lease in time); whichever answers first wins", len(taken), self.model,
             )  # fmt: skip
-        return Renewed(renewed, taken)
+        if deleted:
+            log.warning(
+                "%d entries of %s this replica holds were deleted from their lane; their jobs "
+                "are answered by id all the same", len(deleted), self.model,
+            )  # fmt: skip
+        return Renewed(renewed, taken, deleted)
 
     async def keep(self, lane: int, entry_id: str, deliveries: int) -> bool:
         """Keeps an entry this consumer is retrying: renews its lease and records the delivery
@@ -322,7 +348,7 @@ class StreamQueue:
         reply: Any = await self._renew(
             keys=[self.lanes[lane]], args=[GROUP, self.consumer, deliveries, entry_id]
         )
-        gone, taken = reply
+        gone, taken, _ = reply
         if gone or taken:
             self._held.discard((lane, entry_id))
             return False
@@ -344,47 +370,51 @@ class StreamQueue:
         return list(values)
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
-        """Stores each result once (SET NX GET: the first writer wins) and acks, in one MULTI;
-        then pushes each job's one stored result to its `reply_to`.
+        """Stores each result once (SET NX GET: the first writer wins), pushes each job's one
+        stored result to its `reply_to`, then acks: three steps, three round trips a batch.
 
-        Every entry's push carries the result that is stored, whoever stored it: this one, an
-        earlier attempt of this very write (retried after a lost reply), a cancel, or another
-        replica's run. So a reply reaches `reply_to` at least once whatever failed, and never a
-        result other than the stored one; repeats carry the job id and readers drop them.
-        Returns, per outcome, whether its result is the stored one (this write, or an earlier
-        attempt of it), as opposed to another writer's. O(batch): nothing is searched.
+        Every push carries the result that is stored, whoever stored it: this write, an
+        earlier attempt of it (retried after a lost reply), a cancel, or another replica's
+        run. An entry is acked only after its push succeeded, so a crash or an error anywhere
+        leaves it pending and its reclaimer (or this write, retried) pushes the stored result
+        again: every final outcome reaches `reply_to` at least once, and never a result other
+        than the stored one. Repeats carry the job id and readers drop them. A job whose
+        result key holds another type (a producer wrote it) can never be answered: it is
+        dead-lettered. Returns, per outcome, whether its result is the stored one (this write,
+        or an earlier attempt of it), as opposed to another writer's. O(batch).
         """
         if not outcomes:
             return []
-        before = await self._store_and_ack(outcomes)
-        won = [
-            prev is None or prev == o.result_json for o, prev in zip(outcomes, before, strict=True)
-        ]
-        pushes = [
-            (o.reply_to, o.job_id, o.result_json if prev is None else prev)
-            for o, prev in zip(outcomes, before, strict=True)
-        ]
-        self.release(outcomes)
-        await self._push_replies(pushes)
+        keys = [result_key(self.model, o.job_id) for o in outcomes]
+        args: list[Any] = [self.settings.result_ttl_s, *(o.result_json for o in outcomes)]
+        reply: Any = await self._store(keys=keys, args=args)
+        answered: list[tuple[Outcome, bytes]] = []
+        blocked: list[DeadLetter] = []
+        won = []
+        for o, before in zip(outcomes, reply, strict=True):
+            if before == -1:
+                blocked.append(DeadLetter(
+                    o.entry_id, {"id": o.job_id},
+                    f"the result key of {o.job_id!r} holds another type: no result can be stored",
+                    0, None, o.lane,
+                ))  # fmt: skip
+                won.append(False)
+                continue
+            stored = o.result_json if isinstance(before, int) else before
+            answered.append((o, stored))
+            won.append(stored == o.result_json)
+        await self._push([(o.reply_to, o.job_id, body) for o, body in answered])
+        await self._ack([o for o, _ in answered])
+        if blocked:
+            await self.dead_letter(blocked)
         return won
 
-    async def _store_and_ack(self, outcomes: Sequence[Outcome]) -> list[bytes | None]:
-        """For each outcome, the result stored before this write (None: this one is stored now),
-        from one MULTI or, on a cluster, its script twin; every entry is acked."""
-        ttl = self.settings.result_ttl_s
-        results = [result_key(self.model, o.job_id) for o in outcomes]
-        if is_cluster(self.redis):
-            args = [x for o in outcomes for x in (o.lane, o.entry_id, o.result_json)]
-            reply: Any = await self._finish(keys=[*self.lanes, *results], args=[GROUP, ttl, *args])
-            return [None if isinstance(prev, int) else prev for prev in reply]
-        async with self.redis.pipeline(transaction=True) as tx:
-            for o, key in zip(outcomes, results, strict=True):
-                tx.set(key, o.result_json, nx=True, ex=ttl, get=True)
-                tx.xack(self.lanes[o.lane], GROUP, o.entry_id)
-            replies = await tx.execute()
-        return list(replies[0::2])
-
-    async def _push_replies(self, owed: Sequence[tuple[str | None, str, bytes]]) -> None:
+    async def _push(self, owed: Sequence[tuple[str | None, str, bytes]]) -> None:
+        """Pushes each (reply_to, job id, result) in one pipeline (its own slot each, on a
+        cluster). Raises unless every push landed or was refused for good: a refusal of that
+        one key (NOPERM, or not a stream) costs only its push, and is logged; anything else
+        (a lost connection, OOM, LOADING) raises, so the caller retries the whole write before
+        it acks anything."""
         pushes = [(reply_to, job_id, body) for reply_to, job_id, body in owed if reply_to]
         if not pushes:
             return
@@ -393,12 +423,24 @@ class StreamQueue:
             ScriptCall(self._push_reply, [reply_to], [job_id, body, *limits])
             for reply_to, job_id, body in pushes
         ])  # fmt: skip
-        # A lost connection raises out of the pipeline (the caller retries the whole write,
-        # which pushes again). What is left here is a refusal of one key (NOPERM, not a
-        # stream): the result is stored and acked either way, so it costs only that push.
+        for res in results:
+            if isinstance(res, Exception) and not isinstance(res, NoPermissionError):
+                raise res
         for (reply_to, _, _), res in zip(pushes, results, strict=True):
             if res == 0 or isinstance(res, Exception):
                 log.warning("no reply pushed to %r: %s", reply_to, res or "not a stream")
+
+    async def _ack(self, entries: Sequence[Outcome | DeadLetter]) -> None:
+        """Acks the entries (one XACK per lane) and stops renewing them."""
+        by_lane: dict[int, list[str]] = {}
+        for entry in entries:
+            by_lane.setdefault(entry.lane, []).append(entry.entry_id)
+        if by_lane:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for lane, ids in by_lane.items():
+                    pipe.xack(self.lanes[lane], GROUP, *ids)
+                await pipe.execute()
+        self.release(entries)
 
     async def push_tokens(self, deltas: Sequence[tuple[str, str, int, str, int]]) -> int:
         """Appends streamed text deltas, (reply_to, job id, seq, text, attempt) each, to their
@@ -436,20 +478,26 @@ class StreamQueue:
                  self.settings.result_ttl_s, *pairs],
             ))  # fmt: skip
         replies = await run_scripts(self.redis, calls)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply  # the worker retries the write (the script is idempotent)
-        pushes = [
+        # Each letter on its own: one the dead stream refused must not keep the others (done
+        # already, their results stored) from their pushes and acks.
+        done = [(d, reply) for d, reply in zip(letters, replies, strict=True)
+                if not isinstance(reply, Exception)]  # fmt: skip
+        owed = [
             (d.outcome.reply_to, d.outcome.job_id, body)
-            for d, (_, body) in zip(letters, replies, strict=True)
+            for d, (_, body) in done
             if d.outcome is not None and body
         ]
-        self.release(letters)
-        await self._push_replies(pushes)
-        done = sum(int(done) for done, _ in replies)
-        if done:
-            log.warning("dead-lettered %d entries on %s", done, self.dead_key)
-        return done
+        await self._push(owed)
+        # Letters with an id are acked after their push; those without, by the script.
+        await self._ack([d for d, _ in done if d.outcome is not None])
+        self.release([d for d, _ in done])
+        count = sum(int(flag) for _, (flag, _) in done)
+        if count:
+            log.warning("dead-lettered %d entries on %s", count, self.dead_key)
+        refused = [reply for reply in replies if isinstance(reply, Exception)]
+        if refused:
+            raise refused[0]  # the worker retries the rest (the script is idempotent)
+        return count
 
     async def trim(self) -> int:
         """Drops acked entries from every lane (never one still pending or undelivered)."""

@@ -20,6 +20,19 @@ class QueueSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="after")
+    def _check_lease(self) -> QueueSettings:
+        # A lease renewed less than twice a timeout is lost to one late renewal.
+        if (
+            self.lease_interval_s is not None
+            and self.lease_interval_s > self.visibility_timeout_s / 2
+        ):
+            raise ValueError(
+                f"lease_interval_s must be at most visibility_timeout_s / 2 "
+                f"({self.visibility_timeout_s / 2}), got {self.lease_interval_s}"
+            )
+        return self
+
     block_ms: int = Field(1000, ge=1, le=60_000, description="XREADGROUP BLOCK when idle")
     visibility_timeout_s: float = Field(
         60.0, gt=0, description="an entry pending this long on another consumer is reclaimed"

@@ -232,6 +232,10 @@ class Worker:
             return []
         self._next_reclaim = now + self.limits.reclaim_interval_s
         found = await self.queue.reclaim(self.model.max_batch_size)
+        if found.errors:
+            self.stats.redis_errors += len(found.errors)
+            log.warning("reclaim failed on %d lanes (%s); retried next pass", len(found.errors),
+                        found.errors[0])  # fmt: skip
         self.stats.reclaimed += len(found.entries)
         self.stats.deleted_while_pending += len(found.deleted)
         self.metrics.reclaimed(len(found.entries))
@@ -249,14 +253,19 @@ class Worker:
         as long as it runs (through a stop's drain too): a job that runs for many visibility
         timeouts is never reclaimed from a live replica."""
         interval_s = self.limits.lease_interval_s or self.limits.visibility_timeout_s / 3
+        wait_s = interval_s
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(wait_s)
             try:
                 renewed = await self.queue.renew()
             except (RedisError, OSError) as exc:
                 self.stats.redis_errors += 1
                 log.warning("could not renew leases (%r); retrying", exc)
+                # Soon, not a whole interval later: two misses in a row must not add up to
+                # the visibility timeout.
+                wait_s = min(interval_s, 0.5)
                 continue
+            wait_s = interval_s
             self.stats.leases_renewed += renewed.renewed
             self.stats.leases_lost += len(renewed.taken)
             self.metrics.leases_lost(len(renewed.taken))
@@ -358,7 +367,8 @@ class Worker:
         all; then the job is dead-lettered with the last error as its reason."""
         job, err = item.job, item.error
         if job.deliveries >= self.limits.max_deliveries:
-            reason = (f"{err.code}: {err.message} (failed {job.deliveries} times, "
+            # The message quotes the exception, which can be any size: the result stays small.
+            reason = (f"{err.code}: {err.message[:512]} (failed {job.deliveries} times, "
                       f"max_deliveries {self.limits.max_deliveries})")  # fmt: skip
             res = error_result(self.model.name, job.id, DeadLettered(reason))
             letter = DeadLetter(

@@ -255,10 +255,10 @@ def test_cancel_and_malformed_entries_on_a_cluster(cluster, tiny_bert, monkeypat
     asyncio.run(scenario())
 
 
-def test_the_result_and_ack_script_answers_as_the_multi_does(cluster):
-    """On a cluster the result-and-ack step is one script (`finish-n.lua`), not a MULTI: each
-    result stored once, each entry acked on its own lane, a duplicate run neither stored
-    nor pushed."""
+def test_the_store_push_ack_steps_answer_on_a_cluster(cluster):
+    """On a cluster the write is the store script (`store-n.lua`, one EVALSHA, not a MULTI),
+    the pushes to reply streams on other nodes, then the acks: each result stored once, each
+    entry acked on its own lane, a duplicate run stores nothing and pushes the stored result."""
 
     async def scenario() -> None:
         (model,) = models_on_distinct_masters(cluster, 1)
@@ -275,13 +275,15 @@ def test_the_result_and_ack_script_answers_as_the_multi_does(cluster):
                     replies, lane=e.lane)
             for e in entries
         ]  # fmt: skip
-        assert await queue.finish(outcomes) == 2
+        assert await queue.finish(outcomes) == [True, True]
         assert await unacked(r, model) == 0
         rerun = [replace(o, result_json=o.result_json + b" ") for o in outcomes]
-        assert await queue.finish(rerun) == 0
+        assert await queue.finish(rerun) == [False, False]
         assert await r.mget([result_key(model, "h"), result_key(model, "l")]) == [
             b'{"id": "h"}', b'{"id": "l"}']  # fmt: skip
-        assert [x["id"] for x in await pushed_to(r, replies, 2)] == ["h", "l"]
+        pushed = await pushed_to(r, replies, 4)
+        assert [x["id"] for x in pushed] == ["h", "l", "h", "l"]
+        assert pushed[:2] == pushed[2:]  # the rerun pushed the stored results, not its own
         await r.delete(replies)
         await r.aclose()
 

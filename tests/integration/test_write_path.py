@@ -147,19 +147,19 @@ def test_resubmitted_answered_ids_are_answered_from_the_result_at_bounded_cost(
 
 
 class FlakyPushQueue(StreamQueue):
-    """Redis drops the connection right after each write's store-and-ack, before the reply
-    push, the first time: the worker must retry the write and the push must still happen."""
+    """Redis drops the connection right after each write's store, before its reply push and
+    ack, the first time: the worker must retry the write and the push must still happen."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.failed: set[str] = set()
 
-    async def _push_replies(self, owed: Sequence[tuple[str | None, str, bytes]]) -> None:
+    async def _push(self, owed: Sequence[tuple[str | None, str, bytes]]) -> None:
         fresh = [job_id for _, job_id, _ in owed if job_id not in self.failed]
         if fresh:
             self.failed.update(fresh)
             raise RedisConnectionError("injected: connection lost before the push")
-        await super()._push_replies(owed)
+        await super()._push(owed)
 
 
 def test_every_final_outcome_reaches_reply_to_after_a_retried_write(
@@ -177,7 +177,7 @@ def test_every_final_outcome_reaches_reply_to_after_a_retried_write(
         ) as (worker, _):
             flaky = FlakyPushQueue(worker.queue.redis, model_name, "c1", worker.queue.settings)
             worker.queue = flaky
-            worker._collector.pull = flaky.pull  # the pull loop reads through it too
+            worker._collector._pull = flaky.pull  # the pull loop reads through it too
             await r.set(result_key(model_name, "cancelled"), orjson.dumps({"status": "cancelled"}))
             # An entry delivered too often already: dead-lettered when this replica reclaims it.
             await r.xadd(lane, {"id": "dead", "input": '{"text": "a"}', "reply_to": reply})

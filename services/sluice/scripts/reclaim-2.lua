@@ -1,27 +1,50 @@
 -- KEYS: one lane, the model's dead stream.
--- ARGV: group, consumer, min idle ms, cursor, count, dead MAXLEN, lane name.
--- Claims up to `count` entries whose owner stopped renewing its lease (idle past the
--- visibility timeout), with XAUTOCLAIM: it scans at most 10 x count pending entries from the
--- cursor, so a call costs O(count) however long the pending list is.
--- Entries deleted while pending (a trim, an XDEL) come back from XAUTOCLAIM as ids only, and
--- it drops them from the pending list: each one is recorded here, in the same step, as a
--- dead letter with reason `deleted_while_pending`, so none vanishes unrecorded.
--- Returns {next cursor, {{entry id, fields, deliveries}, ...}, {deleted entry id, ...}}.
--- A dead stream that is not a stream would fail the XADDs below after XAUTOCLAIM had dropped
--- the deleted ids: refuse before claiming anything.
-local kind = redis.call('TYPE', KEYS[2])['ok']
-if kind ~= 'stream' and kind ~= 'none' then
-  return redis.error_reply('WRONGTYPE the dead stream ' .. KEYS[2] .. ' is not a stream')
+-- ARGV: group, consumer, min idle ms, cursor ('-' to start), count, dead MAXLEN, lane name.
+-- Takes over up to `count` entries whose owner stopped renewing its lease (idle past the
+-- visibility timeout). It reads at most 10 x count rows of the pending list, from the cursor
+-- on, so a pass costs O(count) however long the pending list is (as XAUTOCLAIM does), and
+-- only entries idle that long are touched: a live replica's entries never are.
+-- A stale entry that was deleted from the lane while pending (a trim, an XDEL) cannot be
+-- claimed: it is recorded here, in the same step, as a dead letter with reason
+-- `deleted_while_pending` (entry id, lane, deliveries, last owner) and acked off the pending
+-- list, so none vanishes unrecorded. (XAUTOCLAIM and XCLAIM would drop it silently, and
+-- XAUTOCLAIM even those of live owners.) If the dead stream refuses the letter, the entry
+-- stays pending, to be recorded on a later pass.
+-- Returns {next cursor ('-' once the list was read to its end), {{id, fields, deliveries},
+-- ...}, {deleted entry id, ...}}.
+local count = tonumber(ARGV[5])
+local min_idle = tonumber(ARGV[3])
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], '+', count * 10)
+local cursor = '-'
+if #rows == count * 10 then cursor = '(' .. rows[#rows][1] end
+local stale, deliveries, deleted = {}, {}, {}
+for _, row in ipairs(rows) do
+  local id, owner, idle, times = row[1], row[2], row[3], row[4]
+  if idle >= min_idle then
+    if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+      local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
+        'reason', 'deleted_while_pending', 'entry_id', id, 'lane', ARGV[7],
+        'deliveries', tostring(times), 'consumer', owner)
+      if type(added) ~= 'table' or not added['err'] then
+        redis.call('XACK', KEYS[1], ARGV[1], id)
+        deleted[#deleted + 1] = id
+      end
+    else
+      stale[#stale + 1] = id
+      deliveries[id] = times + 1  -- XCLAIM counts this delivery
+      if #stale >= count then
+        cursor = '(' .. id
+        break
+      end
+    end
+  end
 end
-local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-                         'COUNT', ARGV[5])
 local claimed = {}
-for _, entry in ipairs(reply[2]) do
-  local row = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)[1]
-  claimed[#claimed + 1] = {entry[1], entry[2], row and row[4] or 1}
+if #stale > 0 then
+  local args = {KEYS[1], ARGV[1], ARGV[2], min_idle}
+  for _, id in ipairs(stale) do args[#args + 1] = id end
+  for _, entry in ipairs(redis.call('XCLAIM', unpack(args))) do
+    claimed[#claimed + 1] = {entry[1], entry[2], deliveries[entry[1]]}
+  end
 end
-for _, id in ipairs(reply[3]) do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'reason', 'deleted_while_pending',
-             'entry_id', id, 'lane', ARGV[7], 'deliveries', '0')
-end
-return {reply[1], claimed, reply[3]}
+return {cursor, claimed, deleted}

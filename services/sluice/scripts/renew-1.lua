@@ -7,14 +7,19 @@
 -- the backoff cannot reset it).
 -- Only entries still pending on this very consumer are renewed: one another consumer took
 -- over (this replica was frozen past the timeout) is never taken back.
--- Returns {ids no longer pending (acked), ids now held by another consumer}.
-local mine, gone, taken = {}, {}, {}
+-- An entry deleted from the lane while pending is not renewed (XCLAIM would drop it from the
+-- pending list, and with it any record): the replica still answers its job by id, and if it
+-- dies first, a reclaimer records it (reclaim-2.lua).
+-- Returns {ids no longer pending (acked), ids now held by another consumer, ids deleted}.
+local mine, gone, taken, deleted = {}, {}, {}, {}
 for i = 4, #ARGV do
   local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
   if not row then
     gone[#gone + 1] = ARGV[i]
   elseif row[2] ~= ARGV[2] then
     taken[#taken + 1] = ARGV[i]
+  elseif #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) == 0 then
+    deleted[#deleted + 1] = ARGV[i]
   else
     mine[#mine + 1] = ARGV[i]
   end
@@ -29,4 +34,4 @@ if #mine > 0 then
   args[#args + 1] = 'JUSTID'
   redis.call('XCLAIM', unpack(args))
 end
-return {gone, taken}
+return {gone, taken, deleted}
