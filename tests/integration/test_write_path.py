@@ -350,3 +350,50 @@ async def _eq(value: object, want: object) -> bool:
 async def _pending_is(r: Any, lane: str, want: int) -> bool:
     info = await r.xpending(lane, GROUP)
     return bool(info["pending"] == want)
+
+
+def test_a_result_key_of_another_type_dead_letters_its_job_and_spares_the_batch(
+    redis_url, model_name
+):
+    """A producer XADDs to a future job's result key: that job can never be answered, but its
+    batch-mates must be (stored, pushed, acked), and it must end as a dead letter."""
+
+    async def scenario() -> None:
+        reply = reply_key(model_name)
+        jobs = [{"id": f"w{i}", "input": "{}", "reply_to": reply} for i in range(3)]
+        r, q, entries = await pulled(redis_url, model_name, jobs)
+        await r.xadd(result_key(model_name, "w1"), {"squat": "1"})
+        outcomes = [
+            Outcome(e.entry_id, f"w{i}", orjson.dumps({"id": f"w{i}", "status": "ok"}), reply)
+            for i, e in enumerate(entries)
+        ]
+        assert await q.finish(outcomes) == [True, False, True]
+        assert sorted(f[b"id"] for _, f in await r.xrange(reply)) == [b"w0", b"w2"]
+        (letter,) = [f for _, f in await r.xrange(dead_key(model_name))]
+        assert letter[b"id"] == b"w1" and b"another type" in letter[b"reason"]
+        assert (await r.xpending(jobs_key(model_name), GROUP))["pending"] == 0
+        assert q.held == 0
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_entry_deleted_under_a_live_replica_is_answered_not_dead_lettered(redis_url, model_name):
+    async def scenario() -> None:
+        reply = reply_key(model_name)
+        r, holder, (entry,) = await pulled(
+            redis_url, model_name, [{"id": "z1", "input": "{}", "reply_to": reply}]
+        )
+        await r.xdel(jobs_key(model_name), entry.entry_id)  # an operator's XDEL, say
+        renewed = await holder.renew()
+        assert renewed.deleted == [(entry.lane, entry.entry_id)]
+        other = StreamQueue(r, model_name, "other", QueueSettings(visibility_timeout_s=60))
+        assert (await other.reclaim(64)).deleted == []  # its owner is alive: not recorded
+        result = orjson.dumps({"id": "z1", "status": "ok"})
+        assert await holder.finish([Outcome(entry.entry_id, "z1", result, reply)]) == [True]
+        assert await r.get(result_key(model_name, "z1")) == result
+        assert (await r.xpending(jobs_key(model_name), GROUP))["pending"] == 0
+        assert await r.xlen(dead_key(model_name)) == 0
+        await r.aclose()
+
+    asyncio.run(scenario())
