@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # docker-compose: `docker-compose config` checks the compose files (no Docker engine needed).
 APT_PACKAGES := redis-server redis-tools prometheus docker-compose
 
-.PHONY: install system-deps demo test test-fast bench bench-compare bench-precision bench-generate bench-scaling bench-metrics lint format clean
+.PHONY: install system-deps demo test test-fast chaos bench bench-compare bench-precision bench-generate bench-scaling bench-metrics lint format clean
 
 install: $(STAMP) system-deps
 
@@ -40,6 +40,13 @@ test: install
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit
+
+# The chaos campaign (issue 16): seeded faults against a real local stack, then the
+# exactly-once verdict as one table. `make chaos MINUTES=30 SEED=7`.
+MINUTES ?= 5
+SEED ?= 1
+chaos: install
+	HF_HUB_OFFLINE=1 $(PY) -m tests.chaos --minutes $(MINUTES) --seed $(SEED)
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest.drain --repeats 5

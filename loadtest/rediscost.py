@@ -9,11 +9,21 @@ user + system), so how fast this Python client drives it does not matter:
 * **submit, raw**: `--jobs` jobs XADDed in pipelines of `--batch` (any producer's path);
 * **submit, admitted**: as many through `FCALL sluice_submit` (the SDK's: admission, dedupe);
 * **serve**: what replicas do for the raw jobs, through the real `StreamQueue`: the pull
-  script in batches of `--batch`, then `finish` (result SET NX + XACK in one MULTI) with a
-  result shaped like MiniLM's (384 floats, as JSON or base64, plus timings), then one trim.
+  script in batches of `--batch`, then `finish` (the store script, the reply push, the XACK)
+  with a result shaped like MiniLM's (384 floats, as JSON or base64, plus timings), then one
+  trim.
 
-Redis' CPU per job, in microseconds, is reported for each, and jobs/s that one Redis core
-could carry (1e6 ÷ (submit + serve)). Figures are medians over repeats.
+Then the two storms of issue 16, each submitted raw and served as a replica serves it (the
+pull, the look for a stored result, `finish` with that result: acked unrun, pushed again):
+
+* **resubmit storm**: every id of the first phase XADDed again, already answered;
+* **cancel storm**: `--jobs` fresh jobs, each cancelled (`SET NX` of a `cancelled` result)
+  before a replica pulls it.
+
+Every job of every phase names the same `reply_to`, a stream that already holds 10,000 results
+(a gateway's, say): a push's cost must not depend on it. Redis' CPU per job, in microseconds,
+is reported for each, with storm ÷ normal, and jobs/s that one Redis core could carry
+(1e6 ÷ (submit + serve)). Figures are medians over repeats.
 """
 
 from __future__ import annotations
@@ -36,7 +46,8 @@ from tqdm import tqdm
 
 from loadtest.report import machine_info, print_medians, report_file
 from sluice import admission
-from sluice.protocol import Result, jobs_key
+from sluice.errors import JobCancelled
+from sluice.protocol import Result, error_result, jobs_key, reply_key, result_key
 from sluice.queue import Outcome, StreamQueue, connect
 from sluice.settings import QueueSettings
 from sluice.stack import RedisServer
@@ -82,7 +93,14 @@ async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:
     await queue.ensure_group()
     await queue.register({"task": "embed", "model_path": "none", "registered_ms": 0})
     text = "a sentence of about fourteen words, like the ones in every other benchmark here"
-    fields: dict[Any, Any] = {"input": orjson.dumps({"text": text}).decode()}
+    reply = reply_key(f"cost-{model}")
+    fields: dict[Any, Any] = {"input": orjson.dumps({"text": text}).decode(), "reply_to": reply}
+    filler = orjson.dumps({"id": "other", "status": "ok", "output": [0.1] * 32})
+    for start in range(0, 10_000, 1000):
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(start, start + 1000):
+                pipe.xadd(reply, {"id": f"other-{i}", "result": filler})
+            await pipe.execute()
     ids = [f"j{i}" for i in range(ns.jobs)]
     chunks = [ids[i : i + ns.batch] for i in range(0, ns.jobs, ns.batch)]
     out: Json = {}
@@ -118,7 +136,7 @@ async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:
             job_id = e.fields[b"id"].decode()
             body = Result(job_id, model, "ok", output=output(ns, rng), timings=timings).to_json()
             result_bytes += len(body)
-            outcomes.append(Outcome(e.entry_id, job_id, body))
+            outcomes.append(Outcome(e.entry_id, job_id, body, reply))
         await queue.finish(outcomes)
         served += len(entries)
         bar.update(len(entries))
@@ -127,8 +145,58 @@ async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:
     out["result_bytes"] = result_bytes / ns.jobs
     out["total_us"] = out["submit_raw_us"] + out["serve_us"]
     out["jobs_per_s_per_core"] = 1e6 / out["total_us"]
+
+    # The resubmit storm: every answered id again, raw.
+    before = await cpu_s(redis)
+    await submit_raw(redis, model, chunks, fields, bar)
+    await serve_answered(queue, ns, reply, bar)
+    out["resubmit_storm_us"] = (await cpu_s(redis) - before) * 1e6 / ns.jobs
+
+    # The cancel storm: fresh ids, each cancelled before it is pulled.
+    fresh = [[f"c{i}" for i in chunk] for chunk in chunks]
+    before = await cpu_s(redis)
+    await submit_raw(redis, model, fresh, fields, bar)
+    for chunk in fresh:
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id in chunk:
+                res = error_result(model, job_id, JobCancelled("cancelled by request"))
+                pipe.set(result_key(model, job_id), res.to_json(), nx=True, ex=86_400)
+            await pipe.execute()
+    await serve_answered(queue, ns, reply, bar)
+    out["cancel_storm_us"] = (await cpu_s(redis) - before) * 1e6 / ns.jobs
+    out["resubmit_storm_vs_normal"] = out["resubmit_storm_us"] / out["total_us"]
+    out["cancel_storm_vs_normal"] = out["cancel_storm_us"] / out["total_us"]
     await redis.aclose()
     return out
+
+
+async def submit_raw(
+    redis: Any, model: str, chunks: list[list[str]], fields: Any, bar: tqdm
+) -> None:
+    for chunk in chunks:
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id in chunk:
+                pipe.xadd(jobs_key(model), {"id": job_id, **fields})
+            await pipe.execute()
+        bar.update(len(chunk))
+
+
+async def serve_answered(queue: StreamQueue, ns: argparse.Namespace, reply: str, bar: tqdm) -> None:
+    """What a replica does with jobs that have a result already: it looks (one MGET a batch),
+    runs none, and acks each with its stored result pushed to reply_to (the worker's path)."""
+    served = 0
+    while served < ns.jobs:
+        entries = await queue.pull(ns.batch, None)
+        ids = [e.fields[b"id"].decode() for e in entries]
+        stored = await queue.existing_results(ids)
+        outcomes = [
+            Outcome(e.entry_id, job_id, body, reply, "skipped", e.lane)
+            for e, job_id, body in zip(entries, ids, stored, strict=True)
+            if body is not None
+        ]
+        await queue.finish(outcomes)
+        served += len(entries)
+        bar.update(len(entries))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     server = RedisServer().start()
     runs = []
     try:
-        bar = tqdm(total=3 * ns.jobs * ns.repeats, unit="job", desc="redis cost")
+        bar = tqdm(total=7 * ns.jobs * ns.repeats, unit="job", desc="redis cost")
         for _ in range(ns.repeats):
             runs.append(asyncio.run(repeat(ns, server.url, bar)))
         bar.close()

@@ -18,6 +18,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Annotated, Any
 
 import orjson
@@ -88,14 +89,15 @@ class Broker:
             raise InvalidInput(f"{count} {what} in one request, over the limit of {limit}")
 
     async def submit(
-        self, model: str, jobs: Sequence[JobSpec], priority: str
+        self, model: str, jobs: Sequence[JobSpec], priority: str, tenant: str = ""
     ) -> list[admission.Admitted]:
-        """Queues the jobs through admission; `Overloaded` if the queue refused any."""
+        """Queues the jobs through admission, their ids in `tenant`'s namespace; `Overloaded`
+        if the queue refused any. The ids answered are the caller's own."""
         self.allow(model)
         self.check_count(len(jobs), "jobs")
         lanes: dict[str, list[tuple[int, str, dict[str, str]]]] = {}
         for index, job in enumerate(jobs):
-            job_id = job.id or uuid.uuid4().hex
+            job_id = scoped(tenant, job.id or uuid.uuid4().hex)
             try:
                 fields = encode_job_fields(
                     job_id, job.input, params=job.params, deadline_ms=job.deadline_ms
@@ -111,35 +113,40 @@ class Broker:
             pairs = [(job_id, fields) for _, job_id, fields in entries]
             admitted = await admission.submit(self.client.redis, model, pairs, lane)
             answers.update(zip((index for index, _, _ in entries), admitted, strict=True))
-        ordered = [answers[index] for index in range(len(jobs))]
+        # The caller's own ids, in the answer and in an `Overloaded`'s accepted/rejected.
+        ordered = [replace(answers[i], job_id=unscoped(tenant, answers[i].job_id))
+                   for i in range(len(jobs))]  # fmt: skip
         admission.raise_if_rejected(model, ordered)
         return ordered
 
-    async def state(self, model: str, job_id: str) -> Result | None:
-        """The job's final result, or None while it is pending; `NotFound` if unknown."""
+    async def state(self, model: str, job_id: str, tenant: str = "") -> Result | None:
+        """The job's final result (under the caller's own id), or None while it is pending;
+        `NotFound` if `tenant` submitted no such job."""
         self.allow(model)
+        caller_id, job_id = job_id, scoped(tenant, job_id)
         async with self.client.redis.pipeline(transaction=False) as pipe:
             pipe.get(result_key(model, job_id))
             pipe.exists(job_key(model, job_id))
             pipe.exists(info_key(model))
             raw, queued, registered = await pipe.execute()
         if raw is not None:
-            return Result.from_json(raw)
+            return replace(Result.from_json(raw), id=caller_id)
         if not registered:
             raise UnknownModel(f"no model {model!r} is registered in this Redis")
         if not queued:
             raise NotFound(
-                f"no job {job_id!r} of model {model!r}: never submitted through admission, "
-                "or its result has expired"
+                f"no job {caller_id!r} of model {model!r}: never submitted through admission "
+                "with this API key, or its result has expired"
             )
         return None
 
-    async def cancel(self, model: str, job_id: str) -> Result:
-        """The SDK's cancel, for a job this gateway can see; returns the final result."""
-        final = await self.state(model, job_id)
+    async def cancel(self, model: str, job_id: str, tenant: str = "") -> Result:
+        """The SDK's cancel, for a job `tenant` submitted; returns the final result."""
+        final = await self.state(model, job_id, tenant)
         if final is not None:
             return final  # a cancel is not an undo: the job keeps its result
-        return await self.client.cancel(job_id, model=model)
+        result = await self.client.cancel(scoped(tenant, job_id), model=model)
+        return replace(result, id=job_id)
 
     async def embed(self, request: EmbeddingRequest) -> list[Result]:
         """Runs the texts through the queue and waits for all of their results."""
@@ -195,6 +202,21 @@ class Broker:
                 pipe.exists(info_key(model))
             replies = await pipe.execute()
         return {"status": "ready", "models": dict(zip(models, map(bool, replies[1:]), strict=True))}
+
+
+def scoped(tenant: str, job_id: str) -> str:
+    """The id a job is stored under: `<tenant>:<id>` (tenant: the API key's namespace)."""
+    if not tenant:
+        return job_id
+    full = f"{tenant}:{job_id}"
+    if not JOB_ID_RE.fullmatch(full):
+        room = 128 - len(tenant) - 1
+        raise InvalidInput(f"job id {job_id[:40]!r} is too long: at most {room} characters here")
+    return full
+
+
+def unscoped(tenant: str, job_id: str) -> str:
+    return job_id[len(tenant) + 1 :] if tenant and job_id.startswith(f"{tenant}:") else job_id
 
 
 def _broker(request: Request) -> Broker:
@@ -254,7 +276,10 @@ def _add_routes(app: FastAPI, keys: Sequence[SecretStr]) -> None:
     """The /v1 routes, behind the API keys when there are any. On the app itself, not on an
     APIRouter: FastAPI wraps an included router in a route of its own, which would hide the
     routes from the 405 handler's `Allow`."""
-    auth = [Depends(key_check(keys))] if keys else []
+    # The caller's tenant: its API key's namespace, "" when auth is off. A default value, not
+    # an Annotated alias: this module's annotations are strings, and a local alias would not
+    # resolve when FastAPI reads them.
+    tenant_dep: Any = Depends(key_check(keys))
 
     def errors(*groups: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
         return documented(*groups, *([UNAUTHORIZED] if keys else []))
@@ -263,18 +288,17 @@ def _add_routes(app: FastAPI, keys: Sequence[SecretStr]) -> None:
         "/v1/jobs",
         status_code=202,
         response_model=SubmitResponse,
-        dependencies=auth,
         responses=errors(UNKNOWN, OVERLOADED),
         summary="Queue one job, or many",
     )
     async def submit_jobs(
-        body: Annotated[SubmitRequest, Body()], broker: BrokerDep
+        body: Annotated[SubmitRequest, Body()], broker: BrokerDep, tenant: str = tenant_dep
     ) -> SubmitResponse:
         if isinstance(body, SubmitMany):
             jobs, priority = body.jobs, body.priority
         else:
             jobs, priority = [body], "normal"  # a one-job body is a JobSpec itself
-        admitted = await broker.submit(body.model, jobs, priority)
+        admitted = await broker.submit(body.model, jobs, priority, tenant)
         return SubmitResponse(
             model=body.model, jobs=[JobAdmitted(id=a.job_id, status=a.status) for a in admitted]
         )
@@ -282,31 +306,35 @@ def _add_routes(app: FastAPI, keys: Sequence[SecretStr]) -> None:
     @app.get(
         "/v1/jobs/{model}/{id}",
         response_model=JobState,
-        dependencies=auth,
         responses=errors(UNKNOWN),
         summary="A job's status, and its result once it has one",
     )
-    async def get_job(model: ModelPath, id: IdPath, broker: BrokerDep) -> Response:
-        return state_response(model, id, await broker.state(model, id))
+    async def get_job(
+        model: ModelPath, id: IdPath, broker: BrokerDep, tenant: str = tenant_dep
+    ) -> Response:
+        return state_response(model, id, await broker.state(model, id, tenant))
 
     @app.delete(
         "/v1/jobs/{model}/{id}",
         response_model=JobState,
-        dependencies=auth,
         responses=errors(UNKNOWN),
         summary="Cancel a job; answers its final result",
     )
-    async def cancel_job(model: ModelPath, id: IdPath, broker: BrokerDep) -> Response:
-        return state_response(model, id, await broker.cancel(model, id))
+    async def cancel_job(
+        model: ModelPath, id: IdPath, broker: BrokerDep, tenant: str = tenant_dep
+    ) -> Response:
+        return state_response(model, id, await broker.cancel(model, id, tenant))
 
     @app.post(
         "/v1/embeddings",
         response_model=EmbeddingResponse,
-        dependencies=auth,
         responses=errors(UNKNOWN, OVERLOADED, TIMEOUT),
         summary="OpenAI-compatible embeddings, through the queue",
     )
-    async def embeddings(body: EmbeddingRequest, broker: BrokerDep) -> Response:
+    async def embeddings(
+        body: EmbeddingRequest, broker: BrokerDep, tenant: str = tenant_dep
+    ) -> Response:
+        del tenant  # checked; the jobs' ids are random and never shown, so need no namespace
         return embeddings_response(body, await broker.embed(body))
 
 

@@ -8,8 +8,10 @@ error type, for OpenAI clients, which read `error.message` and branch on `error.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
@@ -159,26 +161,57 @@ def validation_message(errors: Sequence[Any]) -> str:
 
 
 _bearer = HTTPBearer(auto_error=False, description="one of the gateway's API keys")
-KeyCheck = Callable[..., Awaitable[None]]
+KeyCheck = Callable[..., Awaitable[str]]
+
+
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+def tenant_of(key: bytes) -> str:
+    """The namespace of a key given without a name: `k` and 12 hex digits of its SHA-256."""
+    return "k" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def parse_key(entry: str) -> tuple[str, bytes]:
+    """(tenant, secret) of one `SLUICE_API_KEYS` entry: `name=secret` names the tenant (so
+    that several keys, a rotation's old and new, share one namespace); a bare secret is a
+    tenant of its own (`tenant_of`)."""
+    name, sep, secret = entry.partition("=")
+    if sep and secret and _TENANT_NAME.fullmatch(name):
+        return name, secret.encode()
+    return tenant_of(entry.encode()), entry.encode()
 
 
 def key_check(keys: Sequence[SecretStr]) -> KeyCheck:
-    """A FastAPI dependency that admits a request bearing one of `keys`."""
-    secrets = [key.get_secret_value().encode() for key in keys]
+    """A FastAPI dependency that admits a request bearing one of `keys` and answers its
+    tenant (`parse_key`), or `""` when the gateway has no keys (one tenant: everyone).
+
+    Job ids are stored as `<tenant>:<id>`, so a key sees, cancels and is told about only the
+    jobs of its tenant, whatever ids its callers choose."""
+    entries = [parse_key(key.get_secret_value()) for key in keys]
+
+    if not entries:
+
+        async def anyone() -> str:
+            return ""
+
+        return anyone
 
     async def require_key(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    ) -> None:
+    ) -> str:
         if credentials is None:
             raise Unauthorized("missing API key: send the header `Authorization: Bearer <key>`")
         given = credentials.credentials.encode()
         # Every key is compared, each in constant time, so how long the check takes tells
         # nothing of which key matched, or of how much of one did.
-        matched = False
-        for secret in secrets:
-            matched |= hmac.compare_digest(given, secret)
-        if not matched:
+        tenant = ""
+        for name, secret in entries:
+            if hmac.compare_digest(given, secret):
+                tenant = name
+        if not tenant:
             raise Unauthorized("invalid API key")
+        return tenant
 
     return require_key
 

@@ -165,6 +165,39 @@ def test_jobs_are_queued_run_and_looked_up(gateway: Gateway, served: str) -> Non
     error_of(unknown, 404, "unknown_model")
 
 
+def test_a_key_sees_cancels_and_is_told_about_only_its_own_jobs(
+    gateway: Gateway, parked: str, r: Any
+) -> None:
+    """Finding 8 of issue 16: any key could GET or DELETE any job id, and callers choose ids.
+    Now each key is a tenant: its ids live in its own namespace."""
+    from sluice.gateway_http import tenant_of
+
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    mine = gateway.post("/v1/jobs", {"model": parked, "id": "shared-id", "input": {"text": "a"}})
+    assert mine.json()["jobs"] == [{"id": "shared-id", "status": "queued"}]
+    url = f"{gateway.url}/v1/jobs/{parked}/shared-id"
+    error_of(requests.get(url, headers=other), 404, "not_found")
+    error_of(requests.delete(url, headers=other), 404, "not_found")
+    assert gateway.get(f"/v1/jobs/{parked}/shared-id").json()["status"] == "pending"
+    # The same id from the other key is another job, not a duplicate of the first.
+    theirs = requests.post(
+        f"{gateway.url}/v1/jobs", json={"model": parked, "id": "shared-id", "input": {"text": "b"}},
+        headers=other,
+    )  # fmt: skip
+    assert theirs.json()["jobs"] == [{"id": "shared-id", "status": "queued"}]
+    cancelled = requests.delete(url, headers=other).json()
+    assert cancelled["status"] == "cancelled" and cancelled["id"] == "shared-id"
+    assert cancelled["result"]["id"] == "shared-id"  # the caller's id, not the stored one
+    assert gateway.get(f"/v1/jobs/{parked}/shared-id").json()["status"] == "pending"
+    stored = {
+        tenant: r.get(result_key(parked, f"{tenant}:shared-id"))
+        for tenant in (tenant_of(KEY.encode()), tenant_of(OTHER_KEY.encode()))
+    }
+    assert list(stored.values()) == [None, stored[tenant_of(OTHER_KEY.encode())]]
+    assert stored[tenant_of(OTHER_KEY.encode())] is not None
+    assert not r.exists(result_key(parked, "shared-id"))
+
+
 def test_cancel_and_a_full_queue(gateway: Gateway, parked: str, r: Any) -> None:
     queued = gateway.post("/v1/jobs", {"model": parked, "jobs": [{"input": {"text": "a"}}] * 2})
     assert queued.status_code == 202, queued.text

@@ -99,7 +99,7 @@ def test_stream_false_pushes_only_the_result(generator, r):
     r.xadd(f"sluice:{{{generator}}}:jobs", {"id": "quiet", "input": '{"prompt":"a stream of"}',
            "params": '{"stream":false,"max_new_tokens":16}', "reply_to": reply})  # fmt: skip
     seen = read_stream_live(r, reply, "quiet")
-    assert [list(f) for _, f in seen] == [["result"]]
+    assert [list(f) for _, f in seen] == [["id", "result"]]
 
 
 def test_stop_strings_and_seeds(generator, producer_url, tiny_generator):

@@ -155,3 +155,13 @@ def test_auth_off_is_said_loudly(caplog: pytest.LogCaptureFixture) -> None:
     caplog.clear()
     create_app(GatewaySettings(api_keys=["secret-key"]))
     assert "AUTHENTICATION IS OFF" not in caplog.text and "secret-key" not in caplog.text
+
+
+def test_api_key_entries_name_their_tenant_or_are_one_of_their_own() -> None:
+    from sluice.gateway_http import parse_key, tenant_of
+
+    assert parse_key("team-a=s3cret") == ("team-a", b"s3cret")
+    # A bare key (base64 padding included) is a tenant of its own, derived from the key.
+    assert parse_key("abc/def+ghi==") == (tenant_of(b"abc/def+ghi=="), b"abc/def+ghi==")
+    assert parse_key("not a name=x")[0] == tenant_of(b"not a name=x")
+    assert tenant_of(b"k1") != tenant_of(b"k2") and len(tenant_of(b"k1")) == 13
