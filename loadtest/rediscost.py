@@ -67,6 +67,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--dim", type=int, default=384, help="floats in a result (384: MiniLM)")
     add("--encoding", choices=("json", "base64"), default="json", help="result output (json)")
     add("--repeats", type=int, default=3, help="(3)")
+    add(
+        "--reply",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every job names a reply_to holding 10,000 results (default); --no-reply: none",
+    )
     add("--out", type=Path, help="JSON report (default loadtest/reports/rediscost-<time>.json)")
     ns = p.parse_args(argv)
     if min(ns.jobs, ns.batch, ns.dim, ns.repeats) < 1:
@@ -94,7 +100,9 @@ async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:
     await queue.register({"task": "embed", "model_path": "none", "registered_ms": 0})
     text = "a sentence of about fourteen words, like the ones in every other benchmark here"
     reply = reply_key(f"cost-{model}")
-    fields: dict[Any, Any] = {"input": orjson.dumps({"text": text}).decode(), "reply_to": reply}
+    fields: dict[Any, Any] = {"input": orjson.dumps({"text": text}).decode()}
+    if ns.reply:
+        fields["reply_to"] = reply
     filler = orjson.dumps({"id": "other", "status": "ok", "output": [0.1] * 32})
     for start in range(0, 10_000, 1000):
         async with redis.pipeline(transaction=False) as pipe:
@@ -136,7 +144,7 @@ async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:
             job_id = e.fields[b"id"].decode()
             body = Result(job_id, model, "ok", output=output(ns, rng), timings=timings).to_json()
             result_bytes += len(body)
-            outcomes.append(Outcome(e.entry_id, job_id, body, reply))
+            outcomes.append(Outcome(e.entry_id, job_id, body, reply if ns.reply else None))
         await queue.finish(outcomes)
         served += len(entries)
         bar.update(len(entries))
@@ -190,7 +198,7 @@ async def serve_answered(queue: StreamQueue, ns: argparse.Namespace, reply: str,
         ids = [e.fields[b"id"].decode() for e in entries]
         stored = await queue.existing_results(ids)
         outcomes = [
-            Outcome(e.entry_id, job_id, body, reply, "skipped", e.lane)
+            Outcome(e.entry_id, job_id, body, reply if ns.reply else None, "skipped", e.lane)
             for e, job_id, body in zip(entries, ids, stored, strict=True)
             if body is not None
         ]

@@ -256,8 +256,8 @@ def test_cancel_and_malformed_entries_on_a_cluster(cluster, tiny_bert, monkeypat
 
 
 def test_the_store_push_ack_steps_answer_on_a_cluster(cluster):
-    """On a cluster the write is the store script (`store-n.lua`, one EVALSHA, not a MULTI),
-    the pushes to reply streams on other nodes, then the acks: each result stored once, each
+    """On a cluster the write is three pipelines (no MULTI): the results' SET NX GET, the
+    pushes to reply streams on other nodes, then the acks: each result stored once, each
     entry acked on its own lane, a duplicate run stores nothing and pushes the stored result."""
 
     async def scenario() -> None:
