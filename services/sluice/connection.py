@@ -13,8 +13,8 @@ needs beyond that is here:
   retry, like one server that is down; a URL that names no cluster (or a cluster reached in
   single-server mode) is a `RedisModeError`, which nobody retries.
 
-Elsewhere: `queue.StreamQueue.finish` stores and acks with one script instead of a MULTI on a
-cluster, and `admission.load_library` loads the function library on every primary.
+Elsewhere: `queue.StreamQueue.finish` writes with plain pipelines (no MULTI, which redis-py runs
+slowly on a cluster), and `admission.load_library` loads the function library on every primary.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def entry_of(entry_id: Any, flat: Sequence[Any] | None, lane: int, deliveries: i
 
 @dataclass(slots=True)
 class Outcome:
-    """What the writer stores for one entry: the result JSON, acked in the same MULTI."""
+    """What the writer stores for one entry: the result JSON, pushed to `reply_to`, then acked."""
 
     entry_id: str
     job_id: str

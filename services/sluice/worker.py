@@ -8,7 +8,7 @@ others:
                   → run queue
     model thread  forward passes back to back (running.py), or generation steps with jobs
                   joining and leaving between them (generating.py) → write queue
-    write loop    result JSON in the finish thread → SET NX + XACK in one MULTI → reply_to
+    write loop    result JSON in the finish thread → SET NX GET → push to reply_to → XACK
 
 While batch k runs on the model thread, batch k+1 is pulled and tokenized and the results of
 batch k-1 are encoded and stored. The run queue holds `prefetch_batches` batches, so a replica
