@@ -38,7 +38,11 @@ def test_the_redis_conf_form_grants_the_same_rights():
     """docs/security.md shows each user twice (ACL SETUSER, and redis.conf): the same rights."""
 
     def rights(words: list[str]) -> set[str]:
-        return {w for w in words if w[0] in "~+-&%"}
+        # Root rules as words; each selector, `(...)`, as one rule.
+        text = " ".join(words)
+        selectors = re.findall(r"\([^)]*\)", text)
+        root = re.sub(r"\([^)]*\)", " ", text).split()
+        return {w for w in root if w[0] in "~+-&%"} | set(selectors)
 
     conf = re.search(r"^```conf\n(.*?)^```", DOC.read_text(), re.DOTALL | re.MULTILINE)
     assert conf, "no ```conf block in docs/security.md"
@@ -65,6 +69,24 @@ def test_each_user_is_refused_what_it_does_not_need(redis_server, producer_url, 
         ("KEYS", "*"),
         ("GET", "someone-else:secret"),  # a command it has, on a key outside sluice:*
         ("XADD", "someone-else:stream", "*", "f", "v"),
+        # Issue 16, finding 7: other producers' queued inputs, dead letters, a model's
+        # registration, the lanes themselves.
+        ("XRANGE", stream, "-", "+"),
+        ("XREAD", "STREAMS", stream, "0"),
+        ("XRANGE", dead_key("refusals"), "-", "+"),
+        ("DEL", stream),
+        ("XTRIM", stream, "MAXLEN", "0"),
+        ("XDEL", stream, "0-1"),
+        ("XGROUP", "DESTROY", stream, "workers"),
+        ("DEL", "sluice:{refusals}:info"),
+        ("HSET", "sluice:{refusals}:info", "task", "evil"),
+        ("DEL", "sluice:{refusals}:stats"),
+        ("HGET", "sluice:{refusals}:stats", "rejected"),
+        ("SADD", "sluice:models", "evil"),
+        ("DEL", "sluice:models"),
+        ("XADD", dead_key("refusals"), "*", "f", "v"),
+        ("SET", "sluice:{refusals}:info", "x"),
+        ("GET", jobs_key("refusals")),
     ):
         assert refused(producer, *command), f"the producer may run {command}"
     for command in (
