@@ -58,6 +58,9 @@ METRICS: dict[str, Metric] = {
             "sluice_reclaims_total",
             "sluice_retries_total",
             "sluice_duplicates_total",
+            "sluice_deleted_while_pending_total",
+            "sluice_leases_lost_total",
+            "sluice_write_failures_total",
         ),
         *_metrics(
             "replica",
