@@ -114,12 +114,7 @@ async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:
     out: Json = {}
 
     before = await cpu_s(redis)
-    for chunk in chunks:
-        async with redis.pipeline(transaction=False) as pipe:
-            for job_id in chunk:
-                pipe.xadd(jobs_key(model), {"id": job_id, **fields})
-            await pipe.execute()
-        bar.update(len(chunk))
+    await submit_raw(redis, model, chunks, fields, bar)
     out["submit_raw_us"] = (await cpu_s(redis) - before) * 1e6 / ns.jobs
 
     admitted = f"{model}-a"
