@@ -172,14 +172,29 @@ def tenant_of(key: bytes) -> str:
     return "k" + hashlib.sha256(key).hexdigest()[:12]
 
 
+#: A named tenant may not look like a key's own (`tenant_of`): the two would share jobs.
+_DERIVED = re.compile(r"^k[0-9a-f]{12}$")
+MIN_KEY_CHARS = 16
+
+
 def parse_key(entry: str) -> tuple[str, bytes]:
-    """(tenant, secret) of one `SLUICE_API_KEYS` entry: `name=secret` names the tenant (so
+    """(tenant, secret) of one `SLUICE_API_KEYS` entry: `name:secret` names the tenant (so
     that several keys, a rotation's old and new, share one namespace); a bare secret is a
-    tenant of its own (`tenant_of`)."""
-    name, sep, secret = entry.partition("=")
-    if sep and secret and _TENANT_NAME.fullmatch(name):
-        return name, secret.encode()
-    return tenant_of(entry.encode()), entry.encode()
+    tenant of its own (`tenant_of`). `:` is never in a hex or base64 key, so a bare key is
+    never split. A secret under 16 characters is refused: `ValueError`, at start."""
+    name, sep, secret = entry.partition(":")
+    if sep and _TENANT_NAME.fullmatch(name):
+        if _DERIVED.fullmatch(name):
+            raise ValueError(f"API key tenant name {name!r} looks like a derived one (k + 12 hex)")
+        tenant, raw = name, secret
+    else:
+        tenant, raw = tenant_of(entry.encode()), entry
+    if len(raw) < MIN_KEY_CHARS or not raw.strip("="):
+        raise ValueError(
+            f"an API key of tenant {tenant!r} is {len(raw)} characters: use at least "
+            f"{MIN_KEY_CHARS} random ones (for example `openssl rand -hex 32`)"
+        )
+    return tenant, raw.encode()
 
 
 def key_check(keys: Sequence[SecretStr]) -> KeyCheck:

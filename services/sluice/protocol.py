@@ -62,6 +62,12 @@ def result_key(model: str, job_id: str) -> str:
     return f"sluice:{{{model}}}:result:{job_id}"
 
 
+def alive_key(model: str, consumer: str) -> str:
+    """A replica's heartbeat (string, with a TTL of the visibility timeout), set as it renews
+    its leases: while it lives, reclaimers leave the entries deleted under it alone."""
+    return f"sluice:{{{model}}}:alive:{consumer}"
+
+
 def dead_key(model: str) -> str:
     return f"sluice:{{{model}}}:dead"
 

@@ -27,6 +27,7 @@ from sluice.protocol import (
     NORMAL,
     PRIORITIES,
     Job,
+    alive_key,
     dead_key,
     info_key,
     lane_keys,
@@ -191,6 +192,10 @@ class StreamQueue:
         self._reclaim = redis.register_script(scripts.RECLAIM)
         self._renew = redis.register_script(scripts.RENEW)
         self._held: set[Held] = set()
+        # This replica's heartbeat, renewed with its leases: it outlives a renewal by the
+        # visibility timeout, as a lease does.
+        self._alive = alive_key(model, consumer)
+        self._alive_ms = int(settings.visibility_timeout_s * 1000)
         self._cursors = ["-"] * len(self.lanes)  # where each lane's next reclaim scan starts
 
     @property
@@ -200,7 +205,9 @@ class StreamQueue:
 
     async def ensure_group(self) -> None:
         """Creates the group on every lane at id 0 (never `$`): jobs queued before any
-        replica existed are served."""
+        replica existed are served. A lane Redis refuses (its key holds another type) is
+        logged and skipped, so that one bad lane cannot stop the others; a lost connection
+        raises."""
         for key in self.lanes:
             try:
                 with cluster_hint():
@@ -208,7 +215,7 @@ class StreamQueue:
                 log.info("created consumer group %s on %s", GROUP, key)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
-                    raise
+                    log.error("cannot serve lane %s: %s", key, exc)
 
     async def register(self, info: Mapping[str, str | int | float]) -> None:
         """Marks the model as served (admission refuses unregistered models), with the
@@ -238,8 +245,12 @@ class StreamQueue:
                 for eid, flat in rows
             ]
             if any(int(lane) < 0 for lane, _ in reply):
-                self._hold(entries)  # delivered already: they go on, the group comes back
-                await self.ensure_group()
+                # The entries read are delivered already: they go on whatever happens here.
+                self._hold(entries)
+                try:
+                    await self.ensure_group()
+                except (RedisError, OSError) as exc:
+                    log.warning("could not recreate the group (%r); retried next pull", exc)
                 return entries
             if not entries and block_ms:
                 # Nothing anywhere: wait on all lanes at once (whichever fills first wakes us).
@@ -277,7 +288,7 @@ class StreamQueue:
                 reply: Any = await self._reclaim(
                     keys=[key, self.dead_key],
                     args=[GROUP, self.consumer, min_idle_ms, self._cursors[lane], count,
-                          self.settings.dead_maxlen, PRIORITIES[lane]],
+                          self.settings.dead_maxlen, PRIORITIES[lane], alive_key(self.model, "")],
                 )  # fmt: skip
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -316,7 +327,8 @@ class StreamQueue:
             for i in range(0, len(ids), _CHUNK)
         ]
         replies = await run_scripts(self.redis, [
-            ScriptCall(self._renew, [self.lanes[lane]], [GROUP, self.consumer, "", *ids])
+            ScriptCall(self._renew, [self.lanes[lane], self._alive],
+                       [GROUP, self.consumer, "", self._alive_ms, *ids])
             for lane, ids in calls
         ])  # fmt: skip
         renewed, taken, deleted = 0, [], []
@@ -345,7 +357,8 @@ class StreamQueue:
         count a reclaimer would see. False if it is no longer this consumer's (answered, or
         taken over meanwhile)."""
         reply: Any = await self._renew(
-            keys=[self.lanes[lane]], args=[GROUP, self.consumer, deliveries, entry_id]
+            keys=[self.lanes[lane], self._alive],
+            args=[GROUP, self.consumer, deliveries, self._alive_ms, entry_id],
         )
         gone, taken, _ = reply
         if gone or taken:

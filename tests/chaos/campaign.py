@@ -47,7 +47,7 @@ import redis
 
 from sluice.protocol import GROUP, dead_key, lane_keys, reply_key, result_key
 from sluice.stack import RedisServer, free_port
-from tests.chaos.producers import Producers, Reader
+from tests.chaos.producers import NO_ID_KEY, Producers, Reader, entered_key
 from tests.chaos.proxy import FaultProxy
 
 log = logging.getLogger("chaos")
@@ -266,6 +266,7 @@ class Verdict:
     ping_p99_ms: float
     ping_samples: int
     repeated_pushes: int
+    unexpected_letters: list[str] = field(default_factory=list)
     results_read: int = 0  # results a client read during the run (the durability check)
     read_then_changed: list[str] = field(default_factory=list)  # of those: now gone or other
 
@@ -275,6 +276,8 @@ class Verdict:
             not self.lost
             and not self.answered_twice
             and not self.read_then_changed
+            and not self.unexpected_letters
+            and self.ping_samples > 0
             and self.stuck == 0
             and self.ping_p99_ms < PING_P99_MAX_MS
         )
@@ -289,6 +292,8 @@ class Verdict:
             ("lost", f"{len(self.lost)} {self.lost[:3]}"),
             ("answered twice", f"{len(self.answered_twice)} {self.answered_twice[:3]}"),
             ("stuck", str(self.stuck)),
+            ("unexpected dead letters", f"{len(self.unexpected_letters)} "
+             f"{self.unexpected_letters[:3]}"),
             ("dead letters", ", ".join(f"{k} {v}" for k, v in sorted(self.dead_letters.items()))
              or "0"),
             ("repeated pushes (same result)", str(self.repeated_pushes)),
@@ -386,27 +391,51 @@ def judge(
     folder: Path,
     drain_s: float = 120.0,
 ) -> Verdict:
-    """Waits for the queues to drain, then counts what a user would call a failure."""
+    """Waits for the queues to drain, then counts what a user would call a failure.
+
+    What entered is read from the markers each submit set in its own MULTI (so a submit whose
+    reply was lost to a `kill -9` is judged by what Redis kept). Lost: an id that entered with
+    no final result, or whose entry named a reply stream that never got a push of it. Answered
+    twice: a push that differs from the stored result, two dead letters for an id, or a dead
+    letter beside another result. Unexpected letters: a letter of an entry deleted while
+    pending (nothing deletes lanes here), or more or fewer letters of entries without an id
+    than such entries entered."""
     ledger = producers.ledger
     ids: dict[str, list[str]] = {}
+    must_push: set[str] = set()
     for model in (EMBED, GEN):
-        confirmed = ledger.confirmed.get(model, [])
-        maybe = [i for i in ledger.uncertain.get(model, []) if admin.exists(result_key(model, i))]
-        ids[model] = list(dict.fromkeys(confirmed + maybe))
+        candidates = list(dict.fromkeys(ledger.confirmed.get(model, []) +
+                                        ledger.uncertain.get(model, [])))  # fmt: skip
+        markers: list[Any] = []
+        for start in range(0, len(candidates), 1000):
+            chunk = candidates[start : start + 1000]
+            markers += admin.mget([entered_key(model, i) for i in chunk])  # type: ignore[operator]
+        ids[model] = [i for i, m in zip(candidates, markers, strict=True) if m is not None]
+        must_push |= {i for i, m in zip(candidates, markers, strict=True) if m == b"1"}
+        unconfirmed = set(ledger.confirmed.get(model, [])) - set(ids[model])
+        assert not unconfirmed, f"confirmed submits without their marker: {sorted(unconfirmed)[:5]}"
     deadline = time.monotonic() + drain_s
     while time.monotonic() < deadline and (_unanswered(admin, ids) or _stuck(admin)):
         time.sleep(0.5)
     results = {m: _results(admin, m, ids[m]) for m in ids}
     dead = [f for m in ids for _, f in admin.xrange(dead_key(m))]
     reasons = Counter(_reason(f) for f in dead)
-    lost = [f"{m}:{i}" for m in ids for i in ids[m] if results[m].get(i) is None]
-    twice = _answered_twice(admin, results, dead, replies)
     pushes = Counter(
         orjson.loads(f[b"result"])["id"]
         for stream in replies
         for _, f in admin.xrange(stream)
         if b"result" in f  # not a generation's streamed text delta
     )
+    lost = [f"{m}:{i}" for m in ids for i in ids[m] if results[m].get(i) is None]
+    lost += [f"no push:{i}" for i in sorted(must_push) if not pushes[i]]
+    twice = _answered_twice(admin, results, dead, replies)
+    no_id_entered = int(admin.get(NO_ID_KEY) or 0)
+    unexpected = [f"{n} deleted_while_pending" for n in [reasons["deleted_while_pending"]] if n]
+    if reasons["malformed (no usable id)"] != no_id_entered:
+        unexpected.append(
+            f"{reasons['malformed (no usable id)']} letters of entries without an id, "
+            f"{no_id_entered} entered"
+        )
     p50, p99, n = _ping(folder / "ping.txt", schedule.down_windows)
     return Verdict(
         seed=seed,
@@ -422,6 +451,7 @@ def judge(
         ping_p99_ms=p99,
         ping_samples=n,
         repeated_pushes=sum(c - 1 for c in pushes.values() if c > 1),
+        unexpected_letters=unexpected,
     )
 
 

@@ -2,8 +2,10 @@
 careless producers send (malformed entries, resubmits of answered ids, cancels, deadlines,
 long generation jobs), all raw `XADD`s and `SET NX`s, as any language would send them.
 
-Every submit that Redis confirmed is in the ledger; one whose reply was lost (Redis killed
-mid-call) is `uncertain`: it may or may not have entered, and the checker decides by looking.
+Every submit goes in one MULTI with a marker per job, `chaos:entered:<model>:<id>` (`1` when
+the entry names a usable `reply_to`, which must then get a push), and a count of entries with
+no usable id: so after the run, the markers say exactly what entered, even of submits whose
+reply was lost when Redis was killed mid-call (`uncertain` in the ledger).
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ MALFORMED_WITHOUT_ID: list[dict[str, Any]] = [
     {"id": b"\xff\xfe", "input": '{"text": "a"}'},
     {"garbage": "\x00\x01" * 100},
 ]
+
+
+#: Counts the entries with no usable id that entered (in the submit's own MULTI).
+NO_ID_KEY = "chaos:entered-without-id"
+
+
+def entered_key(model: str, job_id: str) -> str:
+    """The marker a submit sets with its XADD, in one MULTI: the job entered."""
+    return f"chaos:entered:{model}:{job_id}"
 
 
 @dataclass
@@ -126,9 +137,14 @@ class Producers:
     def _xadd_all(self, model: str, entries: list[tuple[str | None, dict[str, Any]]]) -> None:
         ids = [job_id for job_id, _ in entries if job_id is not None]
         try:
-            with self.r.pipeline(transaction=False) as pipe:
+            with self.r.pipeline(transaction=True) as pipe:
                 for job_id, fields in entries:
                     pipe.xadd(jobs_key(model), {**({"id": job_id} if job_id else {}), **fields})
+                    if job_id is None:
+                        pipe.incr(NO_ID_KEY)
+                    else:
+                        replied = "1" if fields.get("reply_to") in self.replies else "0"
+                        pipe.set(entered_key(model, job_id), replied)
                 pipe.execute()
         except (redis.RedisError, OSError):
             self.ledger.maybe(model, ids)
@@ -165,15 +181,22 @@ class Producers:
         self.ledger.actions["malformed"] += len(with_id) + len(without)
 
     def _resubmit_storm(self) -> None:
-        """Raw XADDs reusing ids already submitted (answered or not): one result each still."""
-        ids = self.ledger.recent(self.embed_model, self.rng, 10)
+        """Raw XADDs reusing ids already answered: one result each still, pushed again. Only
+        answered ones, so that a resubmit can never stand in for an entry that was lost."""
+        ids = [i for i in self.ledger.recent(self.embed_model, self.rng, 10) if i.startswith("ok-")]
+        if not ids:
+            return
+        answered: Any = self.r.mget([result_key(self.embed_model, i) for i in ids])
         entries: list[tuple[str | None, dict[str, Any]]] = [
             (i, {"input": '{"text": "again"}', "reply_to": self.rng.choice(self.replies)})
-            for i in ids
-            if i.startswith("ok-")
+            for i, value in zip(ids, answered, strict=True)
+            if value is not None
         ]
         if entries:
-            self._xadd_all(self.embed_model, entries)
+            with self.r.pipeline(transaction=False) as pipe:
+                for job_id, fields in entries:
+                    pipe.xadd(jobs_key(self.embed_model), {"id": job_id, **fields})
+                pipe.execute()
             self.ledger.actions["resubmits"] += len(entries)
 
     def _cancel_storm(self) -> None:

@@ -28,6 +28,7 @@ def test_a_seeded_chaos_run_loses_nothing_doubles_nothing_and_stalls_nothing(
     assert verdict.lost == [], verdict.lost[:10]
     assert verdict.answered_twice == [], verdict.answered_twice[:10]
     assert verdict.stuck == 0
+    assert verdict.unexpected_letters == [], verdict.unexpected_letters
     # appendfsync always: no result a client read was lost or replaced across the kill -9s.
     assert verdict.results_read > 500 and verdict.read_then_changed == []
-    assert verdict.ping_p99_ms < PING_P99_MAX_MS, verdict.table()
+    assert verdict.ping_samples > 1000 and verdict.ping_p99_ms < PING_P99_MAX_MS, verdict.table()

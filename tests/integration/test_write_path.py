@@ -379,21 +379,37 @@ def test_a_result_key_of_another_type_dead_letters_its_job_and_spares_the_batch(
 
 
 def test_an_entry_deleted_under_a_live_replica_is_answered_not_dead_lettered(redis_url, model_name):
+    """The live holder of an entry deleted under it keeps pulling (it is alive) but cannot
+    renew that entry: past the visibility timeout, a reclaimer must still leave it alone. Once
+    the holder is silent too, the entry is recorded as deleted while pending."""
+
     async def scenario() -> None:
         reply = reply_key(model_name)
         r, holder, (entry,) = await pulled(
             redis_url, model_name, [{"id": "z1", "input": "{}", "reply_to": reply}]
         )
+        await r.xadd(jobs_key(model_name), {"id": "z2", "input": "{}"})
         await r.xdel(jobs_key(model_name), entry.entry_id)  # an operator's XDEL, say
-        renewed = await holder.renew()
-        assert renewed.deleted == [(entry.lane, entry.entry_id)]
-        other = StreamQueue(r, model_name, "other", QueueSettings(visibility_timeout_s=60))
-        assert (await other.reclaim(64)).deleted == []  # its owner is alive: not recorded
+        other = StreamQueue(r, model_name, "other", QueueSettings(visibility_timeout_s=0.3))
+        (z2,) = await other.pull(10, None)  # the reclaimer is a live consumer too
+        for _ in range(8):  # 0.8 s: well past the timeout
+            renewed = await holder.renew()
+            assert renewed.deleted == [(entry.lane, entry.entry_id)]
+            await holder.pull(10, None)  # what a live replica's pull loop does all along
+            assert (await other.reclaim(64)).deleted == []
+            await asyncio.sleep(0.1)
         result = orjson.dumps({"id": "z1", "status": "ok"})
         assert await holder.finish([Outcome(entry.entry_id, "z1", result, reply)]) == [True]
         assert await r.get(result_key(model_name, "z1")) == result
-        assert (await r.xpending(jobs_key(model_name), GROUP))["pending"] == 0
         assert await r.xlen(dead_key(model_name)) == 0
+        # The other way: its holder silent past the timeout, a deleted entry is recorded.
+        await r.xdel(jobs_key(model_name), z2.entry_id)
+        await asyncio.sleep(0.4)
+        fresh = StreamQueue(r, model_name, "fresh", QueueSettings(visibility_timeout_s=0.3))
+        assert (await fresh.reclaim(64)).deleted == [(z2.lane, z2.entry_id)]
+        (letter,) = [f for _, f in await r.xrange(dead_key(model_name))]
+        assert letter[b"reason"] == b"deleted_while_pending" and letter[b"consumer"] == b"other"
+        assert (await r.xpending(jobs_key(model_name), GROUP))["pending"] == 0
         await r.aclose()
 
     asyncio.run(scenario())

@@ -77,14 +77,14 @@ def test_429_and_401_carry_their_headers() -> None:
 
 
 def test_keys_are_checked() -> None:
-    check = key_check([SecretStr("k-1"), SecretStr("k-2")])
+    one, two = "key-one-0123456789abcdef", "key-two-0123456789abcdef"
+    check = key_check([SecretStr(one), SecretStr(two)])
 
     def bearer(token: str) -> HTTPAuthorizationCredentials:
         return HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
 
-    asyncio.run(check(bearer("k-1")))
-    asyncio.run(check(bearer("k-2")))
-    for given in (bearer("k-3"), bearer("k-1 "), bearer("ключ"), None):
+    assert asyncio.run(check(bearer(one))) != asyncio.run(check(bearer(two)))  # two tenants
+    for given in (bearer("k-3"), bearer(one + " "), bearer("ключ"), bearer("="), None):
         with pytest.raises(Unauthorized):
             asyncio.run(check(given))
 
@@ -112,7 +112,7 @@ def test_validation_messages_name_the_fields() -> None:
     assert many.endswith("and 2 more")
 
 
-@pytest.mark.parametrize("keys", [[], ["k"]])
+@pytest.mark.parametrize("keys", [[], ["key-0123456789abcdef"]])
 def test_the_openapi_document_describes_what_the_gateway_answers(keys: list[str]) -> None:
     app = create_app(GatewaySettings(api_keys=keys, gateway={"max_jobs_per_request": 9}))
     schema = app.openapi()
@@ -153,15 +153,20 @@ def test_auth_off_is_said_loudly(caplog: pytest.LogCaptureFixture) -> None:
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert any("AUTHENTICATION IS OFF" in r.getMessage() for r in warnings)
     caplog.clear()
-    create_app(GatewaySettings(api_keys=["secret-key"]))
+    create_app(GatewaySettings(api_keys=["secret-key-0123456789"]))
     assert "AUTHENTICATION IS OFF" not in caplog.text and "secret-key" not in caplog.text
 
 
 def test_api_key_entries_name_their_tenant_or_are_one_of_their_own() -> None:
     from sluice.gateway_http import parse_key, tenant_of
 
-    assert parse_key("team-a=s3cret") == ("team-a", b"s3cret")
-    # A bare key (base64 padding included) is a tenant of its own, derived from the key.
-    assert parse_key("abc/def+ghi==") == (tenant_of(b"abc/def+ghi=="), b"abc/def+ghi==")
-    assert parse_key("not a name=x")[0] == tenant_of(b"not a name=x")
+    assert parse_key("team-a:s3cret-s3cret-s3cret") == ("team-a", b"s3cret-s3cret-s3cret")
+    # A bare key, base64 padding included, is never split: a tenant of its own.
+    key = "QUJDREVGR0hJSktMTU5PUA=="
+    assert parse_key(key) == (tenant_of(key.encode()), key.encode())
     assert tenant_of(b"k1") != tenant_of(b"k2") and len(tenant_of(b"k1")) == 13
+    for weak in ("short", "team-a:short", "team-a:" + "=" * 20):
+        with pytest.raises(ValueError, match=r"characters|API key"):
+            parse_key(weak)
+    with pytest.raises(ValueError, match="derived"):
+        parse_key("k0123456789ab:" + "x" * 20)

@@ -1,11 +1,12 @@
 -- KEYS: one lane, the model's dead stream.
--- ARGV: group, consumer, min idle ms, cursor ('-' to start), count, dead MAXLEN, lane name.
+-- ARGV: group, consumer, min idle ms, cursor ('-' to start), count, dead MAXLEN, lane name,
+-- the prefix of the model's heartbeat keys (sluice:{M}:alive:).
 -- Takes over up to `count` entries whose owner stopped renewing its lease (idle past the
 -- visibility timeout). It reads at most 10 x count rows of the pending list, from the cursor
 -- on, so a pass costs O(count) however long the pending list is (as XAUTOCLAIM does), and
 -- only entries idle that long are touched: a live replica's entries never are.
--- A stale entry that was deleted from the lane while pending (a trim, an XDEL) cannot be
--- claimed: it is recorded here, in the same step, as a dead letter with reason
+-- A stale entry that was deleted from the lane while pending (a trim, an XDEL), whose owner is
+-- gone too (its heartbeat key expired), cannot be claimed: it is recorded here, in the same step, as a dead letter with reason
 -- `deleted_while_pending` (entry id, lane, deliveries, last owner) and acked off the pending
 -- list, so none vanishes unrecorded. (XAUTOCLAIM and XCLAIM would drop it silently, and
 -- XAUTOCLAIM even those of live owners.) If the dead stream refuses the letter, the entry
@@ -17,24 +18,29 @@ local min_idle = tonumber(ARGV[3])
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], '+', count * 10)
 local cursor = '-'
 if #rows == count * 10 then cursor = '(' .. rows[#rows][1] end
+-- A live replica stops renewing an entry deleted under it (XCLAIM would drop it) but keeps its
+-- heartbeat key alive (renew-2.lua), and still answers that job by id: its entry is left alone.
+local function owner_gone(owner)
+  return redis.call('EXISTS', ARGV[8] .. owner) == 0
+end
 local stale, deliveries, deleted = {}, {}, {}
 for _, row in ipairs(rows) do
   local id, owner, idle, times = row[1], row[2], row[3], row[4]
   if idle >= min_idle then
-    if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    if #redis.call('XRANGE', KEYS[1], id, id) > 0 then
+      stale[#stale + 1] = id
+      deliveries[id] = times + 1  -- XCLAIM counts this delivery
+      if #stale >= count then
+        cursor = '(' .. id
+        break
+      end
+    elseif owner_gone(owner) then
       local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
         'reason', 'deleted_while_pending', 'entry_id', id, 'lane', ARGV[7],
         'deliveries', tostring(times), 'consumer', owner)
       if type(added) ~= 'table' or not added['err'] then
         redis.call('XACK', KEYS[1], ARGV[1], id)
         deleted[#deleted + 1] = id
-      end
-    else
-      stale[#stale + 1] = id
-      deliveries[id] = times + 1  -- XCLAIM counts this delivery
-      if #stale >= count then
-        cursor = '(' .. id
-        break
       end
     end
   end
