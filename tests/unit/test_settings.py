@@ -86,3 +86,18 @@ def test_multi_yaml_serves_three_tasks_each_a_valid_app():
     assert tasks == ["embed", "classify", "generate"]
     for app in config["applications"]:
         assert build_app(app["args"]) is not None
+
+
+def test_timeouts_that_would_fail_every_pull_or_lose_every_lease_are_refused() -> None:
+    from pydantic import ValidationError
+
+    from sluice.settings import QueueSettings, Settings
+
+    # A socket timeout under the blocking pull's wait would fail every idle pull.
+    with pytest.raises(ValidationError, match="redis_socket_timeout_s"):
+        Settings(redis_socket_timeout_s=5, queue={"block_ms": 10_000})
+    assert Settings(redis_socket_timeout_s=12, queue={"block_ms": 10_000})
+    # A lease renewed less than twice a visibility timeout is lost to one late renewal.
+    with pytest.raises(ValidationError, match="lease_interval_s"):
+        QueueSettings(visibility_timeout_s=10, lease_interval_s=6)
+    assert QueueSettings(visibility_timeout_s=10, lease_interval_s=5)
