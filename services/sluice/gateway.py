@@ -114,8 +114,10 @@ class Broker:
             admitted = await admission.submit(self.client.redis, model, pairs, lane)
             answers.update(zip((index for index, _, _ in entries), admitted, strict=True))
         # The caller's own ids, in the answer and in an `Overloaded`'s accepted/rejected.
-        ordered = [replace(answers[i], job_id=unscoped(tenant, answers[i].job_id))
-                   for i in range(len(jobs))]  # fmt: skip
+        ordered = [
+            replace(answers[i], job_id=unscoped(tenant, answers[i].job_id))
+            for i in range(len(jobs))
+        ]
         admission.raise_if_rejected(model, ordered)
         return ordered
 

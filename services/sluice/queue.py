@@ -287,9 +287,17 @@ class StreamQueue:
             try:
                 reply: Any = await self._reclaim(
                     keys=[key, self.dead_key],
-                    args=[GROUP, self.consumer, min_idle_ms, self._cursors[lane], count,
-                          self.settings.dead_maxlen, PRIORITIES[lane], alive_key(self.model, "")],
-                )  # fmt: skip
+                    args=[
+                        GROUP,
+                        self.consumer,
+                        min_idle_ms,
+                        self._cursors[lane],
+                        count,
+                        self.settings.dead_maxlen,
+                        PRIORITIES[lane],
+                        alive_key(self.model, ""),
+                    ],
+                )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     found.errors.append(exc)
@@ -311,8 +319,10 @@ class StreamQueue:
                 "%d entries of %s were deleted while pending (trimmed or XDELed before they "
                 "were answered, and their replica is gone); recorded as dead letters, reason "
                 "deleted_while_pending: %s",
-                len(found.deleted), self.model, found.deleted[:5],
-            )  # fmt: skip
+                len(found.deleted),
+                self.model,
+                found.deleted[:5],
+            )
         return found
 
     async def renew(self) -> Renewed:
@@ -326,11 +336,17 @@ class StreamQueue:
             for lane, ids in by_lane.items()
             for i in range(0, len(ids), _CHUNK)
         ]
-        replies = await run_scripts(self.redis, [
-            ScriptCall(self._renew, [self.lanes[lane], self._alive],
-                       [GROUP, self.consumer, "", self._alive_ms, *ids])
-            for lane, ids in calls
-        ])  # fmt: skip
+        replies = await run_scripts(
+            self.redis,
+            [
+                ScriptCall(
+                    self._renew,
+                    [self.lanes[lane], self._alive],
+                    [GROUP, self.consumer, "", self._alive_ms, *ids],
+                )
+                for lane, ids in calls
+            ],
+        )
         renewed, taken, deleted = 0, [], []
         for (lane, ids), reply in zip(calls, replies, strict=True):
             if isinstance(reply, Exception):
@@ -343,13 +359,17 @@ class StreamQueue:
         if taken:
             log.warning(
                 "%d entries of %s were reclaimed by another replica (this one did not renew "
-                "its lease in time); whichever answers first wins", len(taken), self.model,
-            )  # fmt: skip
+                "its lease in time); whichever answers first wins",
+                len(taken),
+                self.model,
+            )
         if deleted:
             log.warning(
                 "%d entries of %s this replica holds were deleted from their lane; their jobs "
-                "are answered by id all the same", len(deleted), self.model,
-            )  # fmt: skip
+                "are answered by id all the same",
+                len(deleted),
+                self.model,
+            )
         return Renewed(renewed, taken, deleted)
 
     async def keep(self, lane: int, entry_id: str, deliveries: int) -> bool:
@@ -414,11 +434,8 @@ class StreamQueue:
         won = []
         for o, before in zip(outcomes, reply, strict=True):
             if isinstance(before, Exception):
-                blocked.append(DeadLetter(
-                    o.entry_id, {"id": o.job_id},
-                    f"the result key of {o.job_id!r} holds another type: no result can be stored",
-                    0, None, o.lane,
-                ))  # fmt: skip
+                reason = f"the result key of {o.job_id!r} holds another type: no result is possible"
+                blocked.append(DeadLetter(o.entry_id, {"id": o.job_id}, reason, 0, None, o.lane))
                 won.append(False)
                 continue
             stored = o.result_json if before is None else before
@@ -490,8 +507,12 @@ class StreamQueue:
         for d in letters:
             result = d.outcome.result_json if d.outcome is not None else b""
             key = result_key(self.model, d.outcome.job_id) if d.outcome else self.dead_key
-            added = {"reason": d.reason, "deliveries": str(d.deliveries),
-                     "entry_id": d.entry_id, "lane": PRIORITIES[d.lane]}  # fmt: skip
+            added = {
+                "reason": d.reason,
+                "deliveries": str(d.deliveries),
+                "entry_id": d.entry_id,
+                "lane": PRIORITIES[d.lane],
+            }
             pairs = bounded_fields(d.fields, added, self.settings.dead_entry_max_bytes)
             calls.append(ScriptCall(
                 self._dead_letter, [self.lanes[d.lane], self.dead_key, key],
@@ -501,8 +522,11 @@ class StreamQueue:
         replies = await run_scripts(self.redis, calls)
         # Each letter on its own: one the dead stream refused must not keep the others (done
         # already, their results stored) from their pushes and acks.
-        done = [(d, reply) for d, reply in zip(letters, replies, strict=True)
-                if not isinstance(reply, Exception)]  # fmt: skip
+        done = [
+            (d, reply)
+            for d, reply in zip(letters, replies, strict=True)
+            if not isinstance(reply, Exception)
+        ]
         owed = [
             (d.outcome.reply_to, d.outcome.job_id, body)
             for d, (_, body) in done

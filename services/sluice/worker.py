@@ -234,8 +234,11 @@ class Worker:
         found = await self.queue.reclaim(self.model.max_batch_size)
         if found.errors:
             self.stats.redis_errors += len(found.errors)
-            log.warning("reclaim failed on %d lanes (%s); retried next pass", len(found.errors),
-                        found.errors[0])  # fmt: skip
+            log.warning(
+                "reclaim failed on %d lanes (%s); retried next pass",
+                len(found.errors),
+                found.errors[0],
+            )
         self.stats.reclaimed += len(found.entries)
         self.stats.deleted_while_pending += len(found.deleted)
         self.metrics.reclaimed(len(found.entries))
@@ -278,9 +281,13 @@ class Worker:
         letters: list[DeadLetter] = []
         for entry in entries:
             decoded = decode_job(
-                entry.entry_id, entry.fields, self.limits, entry.deliveries, entry.lane,
+                entry.entry_id,
+                entry.fields,
+                self.limits,
+                entry.deliveries,
+                entry.lane,
                 entry.repeated,
-            )  # fmt: skip
+            )
             if entry.deliveries > self.limits.max_deliveries:
                 letters.append(
                     over_delivered(self.model.name, self.limits.max_deliveries, entry, decoded)
@@ -398,8 +405,9 @@ class Worker:
         if stored is not None:
             # Cancelled (or answered elsewhere) during the backoff: that result is the one.
             self.stats.skipped += 1
-            await self._send([Outcome(job.entry_id, job.id, stored, job.reply_to, "skipped",
-                                      job.lane)])  # fmt: skip
+            await self._send(
+                [Outcome(job.entry_id, job.id, stored, job.reply_to, "skipped", job.lane)]
+            )
             return
         if job.expired():
             # Its deadline passed during the backoff: it ends `expired`, not run again.

@@ -79,10 +79,18 @@ class Replica:
     def start(self) -> None:
         out = self.log_file.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.chaos.replica", *self.args, "--consumer",
-             f"{self.name}-{time.monotonic_ns()}"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tests.chaos.replica",
+                *self.args,
+                "--consumer",
+                f"{self.name}-{time.monotonic_ns()}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.frozen = False
 
     def alive(self) -> bool:
@@ -130,15 +138,34 @@ class Stack:
             ("gen-a", GEN, "generate", 0.03),
         ]
         for name, model, task, delay in specs:
-            args = ["--url", proxy_url, "--model", model, "--path", self.models[model],
-                    "--task", task, "--queue", queue, "--step-delay-s", str(delay)]  # fmt: skip
+            args = [
+                "--url",
+                proxy_url,
+                "--model",
+                model,
+                "--path",
+                self.models[model],
+                "--task",
+                task,
+                "--queue",
+                queue,
+                "--step-delay-s",
+                str(delay),
+            ]
             replica = Replica(name, args, self.folder / f"{name}.log")
             replica.start()
             self.replicas.append(replica)
         self.pinger = subprocess.Popen(
-            [sys.executable, "-m", "tests.chaos.pinger", "--port", str(self.redis.port),
-             "--out", str(self.folder / "ping.txt")],
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tests.chaos.pinger",
+                "--port",
+                str(self.redis.port),
+                "--out",
+                str(self.folder / "ping.txt"),
+            ],
+        )
         return self
 
     def kill_redis(self) -> None:
@@ -292,17 +319,25 @@ class Verdict:
             ("lost", f"{len(self.lost)} {self.lost[:3]}"),
             ("answered twice", f"{len(self.answered_twice)} {self.answered_twice[:3]}"),
             ("stuck", str(self.stuck)),
-            ("unexpected dead letters", f"{len(self.unexpected_letters)} "
-             f"{self.unexpected_letters[:3]}"),
-            ("dead letters", ", ".join(f"{k} {v}" for k, v in sorted(self.dead_letters.items()))
-             or "0"),
+            (
+                "unexpected dead letters",
+                f"{len(self.unexpected_letters)} {self.unexpected_letters[:3]}",
+            ),
+            (
+                "dead letters",
+                ", ".join(f"{k} {v}" for k, v in sorted(self.dead_letters.items())) or "0",
+            ),
             ("repeated pushes (same result)", str(self.repeated_pushes)),
-            ("results read, then lost or replaced", f"{len(self.read_then_changed)} of "
-             f"{self.results_read} read"),
-            ("Redis PING p50 / p99", f"{self.ping_p50_ms:.2f} / {self.ping_p99_ms:.2f} ms "
-             f"({self.ping_samples} samples)"),
+            (
+                "results read, then lost or replaced",
+                f"{len(self.read_then_changed)} of {self.results_read} read",
+            ),
+            (
+                "Redis PING p50 / p99",
+                f"{self.ping_p50_ms:.2f} / {self.ping_p99_ms:.2f} ms ({self.ping_samples} samples)",
+            ),
             ("verdict", "PASS" if self.passed else "FAIL"),
-        ]  # fmt: skip
+        ]
         width = max(len(k) for k, _ in rows)
         lines = [f"| {'what':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
         lines += [f"| {k:<{width}} | {v} |" for k, v in rows]
@@ -404,8 +439,9 @@ def judge(
     ids: dict[str, list[str]] = {}
     must_push: set[str] = set()
     for model in (EMBED, GEN):
-        candidates = list(dict.fromkeys(ledger.confirmed.get(model, []) +
-                                        ledger.uncertain.get(model, [])))  # fmt: skip
+        candidates = list(
+            dict.fromkeys(ledger.confirmed.get(model, []) + ledger.uncertain.get(model, []))
+        )
         markers: list[Any] = []
         for start in range(0, len(candidates), 1000):
             chunk = candidates[start : start + 1000]
@@ -545,9 +581,10 @@ def _ping(path: Path, down: list[tuple[float, float]]) -> tuple[float, float, in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tests.chaos", description=__doc__,
+        prog="python -m tests.chaos",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("--minutes", type=float, default=5.0, help="how long faults run (default 5)")
     p.add_argument("--seed", type=int, default=1, help="the schedule's seed (default 1)")
     p.add_argument("--report", type=Path, help="also write the verdict as JSON here")

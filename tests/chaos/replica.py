@@ -53,9 +53,14 @@ async def serve(args: argparse.Namespace) -> None:
     import orjson
 
     settings = ModelSettings(
-        name=args.model, model_path=args.path, task=args.task, torch_threads=1, dtype="fp32",
-        max_batch_size=16, max_new_tokens=256,
-    )  # fmt: skip
+        name=args.model,
+        model_path=args.path,
+        task=args.task,
+        torch_threads=1,
+        dtype="fp32",
+        max_batch_size=16,
+        max_new_tokens=256,
+    )
     runner: Any
     if args.task == "generate":
         runner = SlowGenerator(settings)

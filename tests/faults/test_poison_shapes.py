@@ -46,8 +46,11 @@ def test_absurd_entries_are_answered_or_dead_lettered_at_once_and_bounded(
     async def scenario() -> None:
         r = connect(redis_url)
         lane = jobs_key(model_name)
-        queue = {"dead_entry_max_bytes": DEAD_ENTRY_MAX_BYTES, "trim_interval_s": 0.1,
-                 "max_deliveries": 1}  # fmt: skip
+        queue = {
+            "dead_entry_max_bytes": DEAD_ENTRY_MAX_BYTES,
+            "trim_interval_s": 0.1,
+            "max_deliveries": 1,
+        }
         async with running_worker(worker_url, model_name, tiny_bert, queue=queue) as (worker, _):
             cases = shapes()
             for _, flat in cases:
@@ -65,8 +68,9 @@ def test_absurd_entries_are_answered_or_dead_lettered_at_once_and_bounded(
             assert by_id["huge-input"]["error"]["code"] == "input_too_large"
             assert "more than once" in by_id["repeated-input"]["error"]["message"]
             dead_count = sum(1 for job_id, _ in cases if job_id is None)
-            await until(lambda: _at_least(r.xlen(dead_key(model_name)), dead_count),
-                        what="the dead letters")  # fmt: skip
+            await until(
+                lambda: _at_least(r.xlen(dead_key(model_name)), dead_count), what="the dead letters"
+            )
             # Nothing left pending, and trimming went on past every poison entry.
             await until(lambda: _pending(r, lane, 0), what="all acked")
             await until(lambda: _at_most(r.xlen(lane), 1), what="the lane trimmed")

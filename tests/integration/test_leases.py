@@ -57,15 +57,23 @@ def test_a_generation_job_running_ten_visibility_timeouts_is_answered_once_ok(
     async def scenario() -> None:
         r = connect(redis_url)
         settings = ModelSettings(
-            name=model_name, model_path=tiny_generator, task="generate", torch_threads=1,
-            dtype="fp32", max_batch_size=4, max_new_tokens=8,
-        )  # fmt: skip
+            name=model_name,
+            model_path=tiny_generator,
+            task="generate",
+            torch_threads=1,
+            dtype="fp32",
+            max_batch_size=4,
+            max_new_tokens=8,
+        )
         holder, other = SlowGenerator(settings), SlowGenerator(settings)
         holder.load()
         other.load()
         holder.first_step_s = 10 * VISIBILITY_S + 0.5
-        queue = {"visibility_timeout_s": VISIBILITY_S, "reclaim_interval_s": 0.05,
-                 "max_deliveries": 2}  # fmt: skip
+        queue = {
+            "visibility_timeout_s": VISIBILITY_S,
+            "reclaim_interval_s": 0.05,
+            "max_deliveries": 2,
+        }
         first = await start(worker_url, "holder", holder, queue)
         await r.xadd(jobs_key(model_name), {"id": "long", "input": '{"prompt": "a stream of"}'})
         await until(lambda: _true(first.queue.held == 1), what="the holder to pull it")

@@ -201,9 +201,12 @@ def test_every_final_outcome_reaches_reply_to_after_a_retried_write(
                 for _, f in await r.xrange(reply)
             }
             assert statuses == {
-                "ok": "ok", "error": "error", "expired": "expired", "cancelled": "cancelled",
+                "ok": "ok",
+                "error": "error",
+                "expired": "expired",
+                "cancelled": "cancelled",
                 "dead": "ok",
-            }  # fmt: skip
+            }
             assert flaky.failed >= want
         await r.aclose()
 
@@ -267,16 +270,22 @@ def test_a_cancelled_job_whose_retries_run_out_ends_cancelled_not_dead_lettered(
         await r.set(result_key(model_name, "x2"), cancelled)
         dead = orjson.dumps({"id": "x2", "status": "error", "error": {"code": "dead_lettered"}})
         letter = DeadLetter(
-            entry.entry_id, {"id": "x2"}, "failed 3 times", 3,
+            entry.entry_id,
+            {"id": "x2"},
+            "failed 3 times",
+            3,
             Outcome(entry.entry_id, "x2", dead, reply, "error"),
-        )  # fmt: skip
+        )
         assert await q.dead_letter([letter]) == 0
         assert await r.xlen(dead_key(model_name)) == 0
         assert await r.get(result_key(model_name, "x2")) == cancelled
         assert [f[b"result"] for _, f in await r.xrange(reply)] == [cancelled]
         assert await r.xpending(jobs_key(model_name), GROUP) == {
-            "pending": 0, "min": None, "max": None, "consumers": []
-        }  # fmt: skip
+            "pending": 0,
+            "min": None,
+            "max": None,
+            "consumers": [],
+        }
         await r.aclose()
 
     asyncio.run(scenario())
@@ -328,9 +337,13 @@ def test_a_retried_job_whose_deadline_passes_in_the_backoff_ends_expired_once(
             deadline_ms = int(time.time() * 1000) + 300  # passes during the 0.4-0.5 s backoff
             await r.xadd(
                 jobs_key(model_name),
-                {"id": "d1", "input": orjson.dumps({"text": f"{MARK} a"}).decode(),
-                 "deadline_ms": str(deadline_ms), "reply_to": reply},
-            )  # fmt: skip
+                {
+                    "id": "d1",
+                    "input": orjson.dumps({"text": f"{MARK} a"}).decode(),
+                    "deadline_ms": str(deadline_ms),
+                    "reply_to": reply,
+                },
+            )
             (res,) = await all_stored(r, model_name, ["d1"])
             assert res["status"] == "expired"
             assert runner.marked and len(runner.marked) == 1  # ran once, never again
