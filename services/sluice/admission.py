@@ -27,13 +27,17 @@ from sluice.connection import AsyncRedis, cluster_hint
 from sluice.errors import JobCancelled, Overloaded, UnknownModel
 from sluice.protocol import (
     Result,
+    bell_key,
     error_result,
+    inbox_key,
     info_key,
     job_key,
     jobs_key,
     lane_keys,
     result_key,
+    scoped_id,
     stats_key,
+    tenant_stats_key,
 )
 
 log = logging.getLogger(__name__)
@@ -94,15 +98,33 @@ def submit_keys(model: str, priority: str, job_id: str) -> list[str]:
     ]
 
 
+def enqueue_keys(model: str, tenant: str, job_id: str) -> list[str]:
+    """The nine KEYS of FCALL sluice_enqueue (a tenant's submit), in order; `job_id` is the
+    tenant's own id, scoped here."""
+    scoped = scoped_id(tenant, job_id)
+    return [
+        inbox_key(model, tenant),
+        bell_key(model),
+        *lane_keys(model),
+        info_key(model),
+        job_key(model, scoped),
+        result_key(model, scoped),
+        tenant_stats_key(model, tenant),
+    ]
+
+
 async def submit(
     redis: AsyncRedis,
     model: str,
     jobs: Sequence[tuple[str, Mapping[str, str]]],
     priority: str = "normal",
+    tenant: str | None = None,
 ) -> list[Admitted]:
-    """Submits `(id, fields)` pairs through admission, in one round trip."""
+    """Submits `(id, fields)` pairs through admission, in one round trip. A `tenant`
+    submits into its own inbox (`sluice_enqueue`), its ids unscoped here (scoped by the
+    replica that moves them into the lane)."""
     with cluster_hint():
-        return await _submit(redis, model, jobs, priority)
+        return await _submit(redis, model, jobs, priority, tenant)
 
 
 async def _submit(
@@ -110,12 +132,13 @@ async def _submit(
     model: str,
     jobs: Sequence[tuple[str, Mapping[str, str]]],
     priority: str,
+    tenant: str | None,
 ) -> list[Admitted]:
-    replies = await _fcall_all(redis, model, jobs, priority)
+    replies = await _fcall_all(redis, model, jobs, priority, tenant)
     if replies and isinstance(replies[0], ResponseError) and "not found" in str(replies[0]):
         # A Redis that restarted empty: load the library and try once more.
         await _reload_library(redis, model, jobs[0][0])
-        replies = await _fcall_all(redis, model, jobs, priority)
+        replies = await _fcall_all(redis, model, jobs, priority, tenant)
     out = []
     for (job_id, _), reply in zip(jobs, replies, strict=True):
         if isinstance(reply, Exception):
@@ -154,6 +177,7 @@ async def _fcall_all(
     model: str,
     jobs: Sequence[tuple[str, Mapping[str, str]]],
     priority: str,
+    tenant: str | None,
 ) -> list[Any]:
     async with redis.pipeline(transaction=False) as pipe:
         route: dict[str, Any] = {}
@@ -163,9 +187,13 @@ async def _fcall_all(
             # routes the call itself.
             route["target_nodes"] = redis.get_node_from_key(jobs_key(model))
         for job_id, fields in jobs:
-            keys = submit_keys(model, priority, job_id)
-            args = [x for kv in fields.items() for x in kv]
-            pipe.execute_command("FCALL", "sluice_submit", len(keys), *keys, *args, **route)
+            if tenant is None:
+                function, keys = "sluice_submit", submit_keys(model, priority, job_id)
+                args = [x for kv in fields.items() for x in kv]
+            else:
+                function, keys = "sluice_enqueue", enqueue_keys(model, tenant, job_id)
+                args = [x for kv in fields.items() for x in kv] + ["priority", priority]
+            pipe.execute_command("FCALL", function, len(keys), *keys, *args, **route)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
     return replies
 

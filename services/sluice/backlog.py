@@ -3,8 +3,10 @@ and what `sluice exporter` (exporter.py) shows.
 
 Per lane: XINFO GROUPS (the group's lag, pending count and entries read), XPENDING (the oldest
 pending entry) and XLEN, in one pipelined round trip; then, only where jobs wait undelivered,
-one XRANGE each for the oldest of them. All keys of one model share its slot (cluster-safe), and
-every command is one the read-only `sluice-scaler` user may run (docs/security.md).
+one XRANGE each for the oldest of them; and, where tenants exist, one LLEN of each tenant's
+inbox (its jobs not yet moved into the lanes: at zero replicas, all of them). All keys of one
+model share its slot (cluster-safe), and every command is one the read-only `sluice-scaler`
+user may run (docs/security.md).
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from sluice.protocol import GROUP, PRIORITIES, lane_keys
+from sluice.protocol import (
+    GROUP,
+    PRIORITIES,
+    TENANT_RE,
+    TENANTS_KEY,
+    inbox_key,
+    lane_keys,
+)
 
 #: Replies per lane that `queue_backlog_reads` queues: XINFO GROUPS, XPENDING, XLEN.
 READS_PER_LANE = 3
@@ -44,6 +53,7 @@ class Backlog:
     oldest_age_s: float  # age of the oldest job waiting or in flight; 0 when none
     read_at: float  # time.monotonic() of the read
     lanes: tuple[LaneBacklog, ...] = ()  # per lane, most urgent first (as PRIORITIES)
+    inbox: int = 0  # in tenants' inboxes, not yet moved into a lane (counted in `waiting`)
 
     @property
     def total(self) -> int:
@@ -98,8 +108,30 @@ def read_backlog(
                     total.oldest.append(ms)
     oldest = min(total.oldest, default=None)
     age = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
-    return Backlog(total.waiting, total.in_flight, total.added, age, time.monotonic(),
-                   tuple(per_lane))  # fmt: skip
+    inbox = read_inboxes(client, model)
+    return Backlog(
+        waiting=total.waiting + inbox,
+        in_flight=total.in_flight,
+        added=total.added + inbox,
+        oldest_age_s=age,
+        read_at=time.monotonic(),
+        lanes=tuple(per_lane),
+        inbox=inbox,
+    )
+
+
+def read_inboxes(client: redis.Redis | RedisCluster, model: str) -> int:
+    """Jobs in the tenants' inboxes of one model: SMEMBERS, then one LLEN each, pipelined."""
+    names: Any = client.smembers(TENANTS_KEY)
+    tenants = [t for t in (str(n) for n in names) if TENANT_RE.fullmatch(t)]
+    if not tenants:
+        return 0
+    with client.pipeline(transaction=False) as pipe:
+        for tenant in tenants:
+            pipe.llen(inbox_key(model, tenant))
+        lengths = pipe.execute(raise_on_error=False)
+    # An inbox Redis refuses (e.g. not a list) holds nothing the intake could move.
+    return sum(int(n) for n in lengths if not isinstance(n, Exception))
 
 
 class _Lane:

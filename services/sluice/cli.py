@@ -1,5 +1,5 @@
-"""The `sluice` command: up, demo, submit, cancel, status, dlq, exporter. `sluice COMMAND --help`
-for each."""
+"""The `sluice` command: up, demo, submit, cancel, status, dlq, exporter, tenants.
+`sluice COMMAND --help` for each."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import redis
 from redis.exceptions import MovedError
 
-from sluice import dlq, exporter
+from sluice import dlq, exporter, tenants
 from sluice.client import Client
 from sluice.connection import RedisModeError, SyncRedis, cluster_hint, connect_sync
 from sluice.errors import SluiceError
@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _dlq_parser(sub)
     exporter.add_command(sub)  # its code lives in exporter.py
+    tenants.add_command(sub)  # and this one's in tenants.py
     return parser
 
 

@@ -16,6 +16,7 @@ keys once, which covers a reply lost in a replica crash between the store and th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -30,14 +31,24 @@ from redis.exceptions import RedisError
 
 from sluice import admission
 from sluice.connection import AsyncRedis, connect
-from sluice.errors import JobCancelled, JobExpired, ResultTimeout, SluiceError, from_wire
+from sluice.errors import (
+    InvalidInput,
+    JobCancelled,
+    JobExpired,
+    ResultTimeout,
+    SluiceError,
+    from_wire,
+)
 from sluice.protocol import (
+    JOB_ID_RE,
     Result,
     check_model_name,
+    check_tenant,
     encode_job_fields,
     jobs_key,
     reply_key,
     result_key,
+    scoped_id,
 )
 from sluice.settings import Settings
 
@@ -86,19 +97,27 @@ class AsyncClient:
         recheck_s: float = 2.0,
         admission: bool = True,
         cluster: bool | None = None,
+        tenant: str | None = None,
     ) -> None:
         """`admission=False` submits with plain XADD: no dedupe, no queue bound, no model
         check (what a raw producer does; for a Redis user without FCALL rights).
-        `cluster`: the URL names a Redis Cluster node (default: `SLUICE_REDIS_CLUSTER`)."""
+        `cluster`: the URL names a Redis Cluster node (default: `SLUICE_REDIS_CLUSTER`).
+        `tenant`: submit as this tenant (default: `SLUICE_TENANT`), into its own inbox, as
+        the Redis user `sluice tenants add` made for it; ids and results are the tenant's
+        own, so the ids a caller passes and gets back are unscoped."""
         settings = Settings()
         url = redis_url or settings.redis_url
         cluster = settings.redis_cluster if cluster is None else cluster
+        name = tenant or settings.tenant
+        self.tenant = check_tenant(name) if name else None
+        if self.tenant is not None and not admission:
+            raise ValueError("a tenant submits through admission (sluice_enqueue) only")
         # No health-check PING: the producer's ACL (docs/security.md) does not allow it.
         self.redis = redis or connect(url, cluster=cluster, health_check_interval=0)
         self.admission = admission
         self.result_ttl_s = settings.queue.result_ttl_s
         self.client_id = uuid.uuid4().hex
-        self.reply_stream = reply_key(self.client_id)
+        self.reply_stream = reply_key(self.client_id, self.tenant)
         self.recheck_s = recheck_s
         # id -> model of the jobs this client sent (bounded: oldest forgotten first).
         self._models: OrderedDict[str, str] = OrderedDict()
@@ -128,6 +147,17 @@ class AsyncClient:
         except (RedisError, OSError):
             pass
         await self.redis.aclose()
+
+    # -- ids: a tenant's are scoped on the wire, unscoped for the caller ------------------------
+
+    def _wire(self, job_id: str) -> str:
+        return job_id if self.tenant is None else scoped_id(self.tenant, job_id)
+
+    def _caller(self, res: Result) -> Result:
+        prefix = f"{self.tenant}:"
+        if self.tenant is None or not res.id.startswith(prefix):
+            return res
+        return dataclasses.replace(res, id=res.id.removeprefix(prefix))
 
     # -- submit -------------------------------------------------------------------------------
 
@@ -175,6 +205,12 @@ class AsyncClient:
         job_ids = list(ids) if ids is not None else [uuid.uuid4().hex for _ in items]
         if len(job_ids) != len(items):
             raise ValueError(f"got {len(items)} inputs but {len(job_ids)} ids")
+        for job_id in job_ids:
+            if not JOB_ID_RE.fullmatch(self._wire(job_id)):
+                raise InvalidInput(
+                    f"job id must match {JOB_ID_RE.pattern} once scoped to the tenant, got "
+                    f"{self._wire(job_id)!r}"
+                )
         deadline_ms = None if deadline_s is None else int((time.time() + deadline_s) * 1000)
         entries: list[dict[str, str]] = [
             encode_job_fields(
@@ -188,11 +224,15 @@ class AsyncClient:
         ]
         if self.admission:
             admitted = await admission.submit(
-                self.redis, model, list(zip(job_ids, entries, strict=True)), priority
+                self.redis,
+                model,
+                list(zip(job_ids, entries, strict=True)),
+                priority,
+                self.tenant,
             )
             for a in admitted:
                 if a.status != "rejected":
-                    _remember(self._models, a.job_id, model, MAX_TRACKED_IDS)
+                    _remember(self._models, self._wire(a.job_id), model, MAX_TRACKED_IDS)
             admission.raise_if_rejected(model, admitted)
             return job_ids
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -206,12 +246,13 @@ class AsyncClient:
     async def cancel(self, job_id: str, *, model: str | None = None) -> Result:
         """Cancels a job that has no final result yet; returns its final result (`cancelled`,
         or what it had already). A job a replica is running finishes, its output unused."""
-        job_model = self._models.get(job_id, model)
+        wire = self._wire(job_id)
+        job_model = self._models.get(wire, model)
         if job_model is None:
             raise ValueError(f"job {job_id!r} was not submitted by this client: pass model=")
-        final = await admission.cancel(self.redis, job_model, job_id, self.result_ttl_s)
+        final = await admission.cancel(self.redis, job_model, wire, self.result_ttl_s)
         self._deliver(final)
-        return final
+        return self._caller(final)
 
     # -- wait ---------------------------------------------------------------------------------
 
@@ -236,6 +277,7 @@ class AsyncClient:
         `model` is needed only for jobs another client sent."""
         loop = asyncio.get_running_loop()
         futures: dict[str, asyncio.Future[Result]] = {}
+        job_ids = [self._wire(job_id) for job_id in job_ids]
         for job_id in dict.fromkeys(job_ids):
             fut = self._waiters.get(job_id)
             if fut is None:
@@ -253,10 +295,11 @@ class AsyncClient:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     missing = [i for i, f in futures.items() if not f.done()]
+                    first = self._caller(Result(missing[0], "", "error")).id
                     raise ResultTimeout(
                         f"{len(missing)} of {len(job_ids)} results not ready after {timeout}s "
-                        f"(first: {missing[0]})",
-                        job_id=missing[0],
+                        f"(first: {first})",
+                        job_id=first,
                     )
                 await asyncio.wait(pending, timeout=min(self.recheck_s, remaining))
                 await self._recheck([i for i, f in futures.items() if not f.done()], model)
@@ -266,7 +309,7 @@ class AsyncClient:
                 if self._waiting[job_id] <= 0:
                     del self._waiting[job_id]
                     self._waiters.pop(job_id, None)
-        return [futures[job_id].result() for job_id in job_ids]
+        return [self._caller(futures[job_id].result()) for job_id in job_ids]
 
     async def _recheck(self, job_ids: list[str], model: str | None) -> None:
         """Reads stored results directly: a job sent elsewhere, or a reply lost in a crash."""
@@ -334,6 +377,7 @@ class Client:
         recheck_s: float = 2.0,
         admission: bool = True,
         cluster: bool | None = None,
+        tenant: str | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -341,7 +385,12 @@ class Client:
         )
         self._thread.start()
         try:
-            options = {"recheck_s": recheck_s, "admission": admission, "cluster": cluster}
+            options = {
+                "recheck_s": recheck_s,
+                "admission": admission,
+                "cluster": cluster,
+                "tenant": tenant,
+            }
             self._async = self._call(self._make(redis_url, options))
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -54,7 +54,18 @@ from redis.retry import Retry
 
 from sluice.backlog import BACKLOG_READS, Backlog, queue_backlog_reads, read_backlog
 from sluice.connection import SyncRedis, connect_sync
-from sluice.protocol import GROUP, MODELS_KEY, PRIORITIES, dead_key, info_key, jobs_key, stats_key
+from sluice.protocol import (
+    GROUP,
+    MODELS_KEY,
+    PRIORITIES,
+    TENANT_RE,
+    TENANTS_KEY,
+    dead_key,
+    info_key,
+    jobs_key,
+    stats_key,
+    tenant_stats_key,
+)
 from sluice.settings import MODEL_NAME_RE, Settings
 
 log = logging.getLogger(__name__)
@@ -103,9 +114,23 @@ def read_model(client: SyncRedis, model: str, live_idle_ms: int = LIVE_IDLE_MS) 
         backlog=read_backlog(client, model, replies[:BACKLOG_READS]),
         consumers=live,
         dead_letters=int(dead),
-        rejections=int(rejected or 0),
+        rejections=int(rejected or 0) + _tenant_rejections(client, model),
         registered=bool(registered),
     )
+
+
+def _tenant_rejections(client: SyncRedis, model: str) -> int:
+    """The tenants' refused submits: each tenant counts its own (`sluice:{M}:stats:<t>`), as
+    it may not write the model's shared counters."""
+    names: Any = client.smembers(TENANTS_KEY)
+    tenants = [t for t in names if TENANT_RE.fullmatch(t)]
+    if not tenants:
+        return 0
+    with client.pipeline(transaction=False) as pipe:
+        for tenant in tenants:
+            pipe.hget(tenant_stats_key(model, tenant), "rejected")
+        counts = pipe.execute(raise_on_error=False)
+    return sum(int(c) for c in counts if c is not None and not isinstance(c, Exception))
 
 
 class QueueCollector:
@@ -234,6 +259,7 @@ def _families(readings: Sequence[ModelReading]) -> list[Metric]:
             waiting.add_metric([r.model, name], figures.waiting)
             pending.add_metric([r.model, name], figures.in_flight)
             length.add_metric([r.model, name], figures.length)
+        waiting.add_metric([r.model, "inbox"], r.backlog.inbox)
         oldest.add_metric([r.model], r.backlog.oldest_age_s)
         consumers.add_metric([r.model], r.consumers)
         submitted.add_metric([r.model], r.backlog.added)

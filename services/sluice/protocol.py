@@ -33,6 +33,10 @@ STATUSES = ("ok", "error", "expired", "cancelled")
 PRIORITIES = ("high", "normal", "low")
 NORMAL = PRIORITIES.index("normal")
 MODELS_KEY = "sluice:models"
+#: The tenants (set): producers with a Redis user of their own, who submit into an inbox that
+#: only they may push to (docs/security.md, "Tenants"). Written by `sluice tenants add`.
+TENANTS_KEY = "sluice:tenants"
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
 
 def jobs_key(model: str, priority: str = "normal") -> str:
@@ -78,9 +82,44 @@ def stats_key(model: str) -> str:
     return f"sluice:{{{model}}}:stats"
 
 
-def reply_key(client_id: str) -> str:
-    """The reply stream of one SDK client (its own slot in a cluster)."""
-    return f"sluice:reply:{{{client_id}}}"
+def reply_key(client_id: str, tenant: str | None = None) -> str:
+    """The reply stream of one SDK client (its own slot in a cluster); a tenant's clients'
+    streams are under its own prefix (`tenant_reply_prefix`)."""
+    prefix = "sluice:reply:" if tenant is None else tenant_reply_prefix(tenant)
+    return f"{prefix}{{{client_id}}}"
+
+
+def check_tenant(tenant: str) -> str:
+    if not TENANT_RE.fullmatch(tenant):
+        raise ValueError(f"tenant name must match {TENANT_RE.pattern}, got {tenant!r}")
+    return tenant
+
+
+def inbox_key(model: str, tenant: str) -> str:
+    """A tenant's inbox for one model (list): only that tenant may push to it (`RPUSH`, which
+    can neither trim nor choose ids); replicas move its elements into the lanes."""
+    return f"sluice:{{{model}}}:inbox:{tenant}"
+
+
+def bell_key(model: str) -> str:
+    """Rung (list, `RPUSH`) by a tenant's submit, so that a replica waiting on it (`BLPOP`)
+    moves the inboxes at once; cleared when every inbox is empty."""
+    return f"sluice:{{{model}}}:bell"
+
+
+def tenant_stats_key(model: str, tenant: str) -> str:
+    """A tenant's own counters (hash): its submits admission refused (`rejected`)."""
+    return f"sluice:{{{model}}}:stats:{tenant}"
+
+
+def tenant_reply_prefix(tenant: str) -> str:
+    """Every reply stream of a tenant starts with this: a tenant's job may name no other."""
+    return f"sluice:reply:{tenant}:"
+
+
+def scoped_id(tenant: str, job_id: str) -> str:
+    """A tenant's job id as the lanes and the keys carry it (`<tenant>:<id>`)."""
+    return f"{tenant}:{job_id}"
 
 
 def check_model_name(model: str) -> str:
@@ -178,13 +217,17 @@ def decode_job(
     if "id" in repeated:
         usable_id = None
     reply_to = fields.get("reply_to")
-    usable_reply = reply_to if reply_to is not None and REPLY_TO_RE.fullmatch(reply_to) else None
+    usable_reply = _usable_reply(reply_to, fields.get("tenant"))
 
     def bad(err: SluiceError) -> BadEntry:
         return BadEntry(entry_id, fields, err, usable_id, usable_reply, deliveries, lane)
 
     if job_id is None:
-        return bad(InvalidInput("missing field `id`"))
+        return bad(InvalidInput(_no_id_reason(fields)))
+    tenant = fields.get("tenant")
+    if tenant is not None and not _owned(tenant, usable_id):
+        # Only the intake writes `tenant`, with the id scoped: anything else is forged.
+        return bad(InvalidInput("`tenant` is set by the intake only, with the id scoped to it"))
     if repeated:
         names = sorted(repeated)[:8]
         return bad(InvalidInput(f"fields given more than once: {[n[:64] for n in names]}"))
@@ -192,7 +235,7 @@ def decode_job(
         return bad(InvalidInput(f"`id` must match {JOB_ID_RE.pattern}, got {job_id[:160]!r}"))
     try:
         if reply_to is not None and usable_reply is None:
-            raise InvalidInput(f"`reply_to` must match {REPLY_TO_RE.pattern}")
+            raise InvalidInput(_reply_rule(tenant))
         if "input" not in fields:
             raise InvalidInput("missing field `input`")
         if not_utf8:
@@ -214,6 +257,33 @@ def decode_job(
         enqueued_ms=entry_time_ms(entry_id),
         fields=fields,
     )
+
+
+def _usable_reply(reply_to: str | None, tenant: str | None) -> str | None:
+    """The stream a result may be pushed to: a valid name, and a tenant's own stream for a
+    tenant's job (so that nothing is ever pushed into another tenant's streams)."""
+    if reply_to is None or not REPLY_TO_RE.fullmatch(reply_to):
+        return None
+    if tenant is not None and not reply_to.startswith(tenant_reply_prefix(tenant)):
+        return None
+    return reply_to
+
+
+def _no_id_reason(fields: Mapping[str, str]) -> str:
+    if "poison" in fields and "tenant" in fields:  # the intake's mark on a refused element
+        return f"inbox element refused: {fields['poison'][:200]}"
+    return "missing field `id`"
+
+
+def _owned(tenant: str, job_id: str | None) -> bool:
+    """A tenant's entry is well formed: a valid name, and the id scoped to it."""
+    return bool(TENANT_RE.fullmatch(tenant)) and bool(job_id and job_id.startswith(f"{tenant}:"))
+
+
+def _reply_rule(tenant: str | None) -> str:
+    if tenant is None:
+        return f"`reply_to` must match {REPLY_TO_RE.pattern}"
+    return f"a tenant's `reply_to` must start with {tenant_reply_prefix(tenant)!r}"
 
 
 def _deadline(raw: str | None) -> int | None:

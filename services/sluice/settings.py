@@ -157,6 +157,11 @@ class Settings(BaseSettings):
         description="the URL names a node of a Redis Cluster: connect to the whole cluster "
         "(docs/scaling.md)",
     )
+    tenant: str | None = Field(
+        None,
+        description="producers: submit as this tenant, into its own inbox, with the Redis "
+        "user `sluice tenants add` made for it (docs/security.md)",
+    )
     log_level: str = "INFO"
     metrics: bool = Field(
         True, description="replicas record Prometheus metrics (docs/metrics.md); false: none"

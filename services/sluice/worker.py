@@ -1,6 +1,6 @@
 """One model's pipeline in one process: pull → admit → prepare → run → write.
 
-Two asyncio tasks and a model thread, joined by bounded queues, so each stage overlaps the
+Asyncio tasks and a model thread, joined by bounded queues, so each stage overlaps the
 others:
 
     pull loop     priority pull (+ reclaim, trim) → decode → bad/expired/already answered
@@ -9,6 +9,8 @@ others:
     model thread  forward passes back to back (running.py), or generation steps with jobs
                   joining and leaving between them (generating.py) → write queue
     write loop    result JSON in the finish thread → SET NX GET → push to reply_to → XACK
+    lease loop    renews the leases of every entry held (XCLAIM JUSTID), and the heartbeat
+    intake        tenants' inboxes → lanes (intake.py), woken by their submits' bell
 
 While batch k runs on the model thread, batch k+1 is pulled and tokenized and the results of
 batch k-1 are encoded and stored. The run queue holds `prefetch_batches` batches, so a replica
@@ -33,6 +35,7 @@ from redis.exceptions import RedisError, ResponseError
 from sluice.batching import Collector
 from sluice.errors import DeadLettered, JobExpired
 from sluice.generating import ContinuousStage, StageItem, Tokens
+from sluice.intake import Intake
 from sluice.metrics import Metrics
 from sluice.preparing import Preparer, over_delivered, refuse
 from sluice.protocol import BadEntry, Job, decode_job, error_result
@@ -66,6 +69,7 @@ class WorkerStats:
     redis_errors: int = 0
     write_stalled_since: float | None = None  # monotonic; set while a write keeps failing
     tokens_pushed: int = 0  # streamed text deltas (generation)
+    intake_moved: int = 0  # tenants' submits moved from their inboxes into the lanes
     started_at: float = field(default_factory=time.time)
 
 
@@ -81,6 +85,7 @@ class Worker:
         self.limits = limits
         self._stats = WorkerStats()
         self._collector = Collector(queue.pull, model, limits.block_ms)
+        self._intake = Intake(queue.redis, model.name, limits)
         self._stage = self._model_stage()
         self._prepare = Preparer(runner, model, self._stage.submit)
         self._write_q: asyncio.Queue[WriteItem | None] = asyncio.Queue(8)
@@ -114,6 +119,7 @@ class Worker:
     def stats(self) -> WorkerStats:
         """The counters so far (batches as the model thread counts them)."""
         self._stats.batches = self._stage.batches
+        self._stats.intake_moved = self._intake.stats.moved
         return self._stats
 
     def work_done(self) -> tuple[int, float]:
@@ -123,12 +129,14 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the loops: two owned tasks on the running event loop, and the model thread."""
+        """Starts the loops (pull, write, lease, intake: owned tasks on the running event
+        loop) and the model thread."""
         self._loop = asyncio.get_running_loop()
         self._own("pull", self._loop.create_task(self._pull_loop()))
         self._own("run", self._loop.run_in_executor(self._model_pool, self._stage.run_forever))
         self._own("write", self._loop.create_task(self._write_loop()))
         self._own("lease", self._loop.create_task(self._lease_loop()))
+        self._own("intake", self._loop.create_task(self._intake.run(self._stopping)))
 
     def _own(self, name: str, future: asyncio.Future[None]) -> None:
         def on_done(fut: asyncio.Future[None]) -> None:

@@ -45,9 +45,17 @@ from typing import Any
 import orjson
 import redis
 
+from sluice import tenants
 from sluice.protocol import GROUP, dead_key, lane_keys, reply_key, result_key
 from sluice.stack import RedisServer, free_port
-from tests.chaos.producers import NO_ID_KEY, Producers, Reader, entered_key
+from tests.chaos.producers import (
+    NO_ID_KEY,
+    TENANT,
+    TENANT_REPLY,
+    Producers,
+    Reader,
+    entered_key,
+)
 from tests.chaos.proxy import FaultProxy
 
 log = logging.getLogger("chaos")
@@ -362,7 +370,9 @@ def run(minutes: float, seed: int, folder: Path, progress: bool = True) -> Verdi
     try:
         admin = redis.Redis(port=stack.redis.port, socket_timeout=5)
         _wait_ready(admin, [EMBED, GEN], 120)
-        producers = Producers(stack.redis.url, EMBED, GEN, replies, seed).start()
+        tenants.add(admin, TENANT, "chaos-tenant-password")
+        replies.append(TENANT_REPLY)
+        producers = Producers(stack.redis.url, EMBED, GEN, replies[:-1], seed).start()
         reader = Reader(stack.redis.url, EMBED, producers.ledger, seed).start()
         schedule = Schedule(stack, rng)
         end = time.monotonic() + minutes * 60

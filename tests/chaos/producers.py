@@ -1,6 +1,8 @@
 """The campaign's producers: a steady stream of valid jobs, and storms of what hostile or
 careless producers send (malformed entries, resubmits of answered ids, cancels, deadlines,
-long generation jobs), all raw `XADD`s and `SET NX`s, as any language would send them.
+long generation jobs), all raw `XADD`s and `SET NX`s, as any language would send them; and a
+tenant's submits, raw `RPUSH`es into its inbox (valid ones and poison), as the tenant's own
+Redis user would send them (docs/security.md, "Tenants"), moved into the lanes by the replicas.
 
 Every submit goes in one MULTI with a marker per job, `chaos:entered:<model>:<id>` (`1` when
 the entry names a usable `reply_to`, which must then get a push), and a count of entries with
@@ -22,7 +24,15 @@ import orjson
 import redis
 
 from sluice.errors import JobCancelled
-from sluice.protocol import error_result, jobs_key, result_key
+from sluice.protocol import (
+    bell_key,
+    error_result,
+    inbox_key,
+    jobs_key,
+    reply_key,
+    result_key,
+    scoped_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,12 @@ MALFORMED_WITHOUT_ID: list[dict[str, Any]] = [
     {"garbage": "\x00\x01" * 100},
 ]
 
+
+#: The campaign's tenant, and its reply stream.
+TENANT = "chaos-t"
+TENANT_REPLY = reply_key("chaos", TENANT)
+#: Inbox elements that can only be dead-lettered (no string id, not an object).
+POISON_ELEMENTS: list[bytes] = [b"not json", b"[1, 2]", b'{"id": 7}', b"\xff\x00", b"{}"]
 
 #: Counts the entries with no usable id that entered (in the submit's own MULTI).
 NO_ID_KEY = "chaos:entered-without-id"
@@ -117,7 +133,8 @@ class Producers:
 
     def _run(self) -> None:
         steps = [
-            (0.78, self._valid_batch),
+            (0.70, self._valid_batch),
+            (0.08, self._tenant_batch),
             (0.05, self._malformed_storm),
             (0.06, self._resubmit_storm),
             (0.06, self._cancel_storm),
@@ -164,6 +181,35 @@ class Producers:
             entries.append((self._next_id("ok"), fields))
         self._xadd_all(self.embed_model, entries)
         self.ledger.actions["valid"] += len(entries)
+
+    def _tenant_batch(self) -> None:
+        """Four jobs of the tenant, and sometimes a poison element, RPUSHed into its inbox
+        with the bell rung, in one MULTI with their markers (ids as the lanes scope them)."""
+        elements: list[tuple[str | None, bytes]] = []
+        for _ in range(4):
+            job_id = self._next_id("t")
+            job = {"id": job_id, "input": {"text": f"tenant {job_id}"}, "reply_to": TENANT_REPLY}
+            elements.append((scoped_id(TENANT, job_id), orjson.dumps(job)))
+        if self.rng.random() < 0.3:
+            elements.append((None, self.rng.choice(POISON_ELEMENTS)))
+        ids = [i for i, _ in elements if i is not None]
+        try:
+            with self.r.pipeline(transaction=True) as pipe:
+                for scoped, element in elements:
+                    pipe.rpush(inbox_key(self.embed_model, TENANT), element)
+                    if scoped is None:
+                        pipe.incr(NO_ID_KEY)
+                    else:
+                        pipe.set(entered_key(self.embed_model, scoped), "1")
+                pipe.rpush(bell_key(self.embed_model), "1")
+                pipe.execute()
+        except (redis.RedisError, OSError):
+            self.ledger.maybe(self.embed_model, ids)
+            raise
+        self.ledger.entered(self.embed_model, ids)
+        with self.ledger.lock:
+            self.ledger.no_id_sent += len(elements) - len(ids)
+        self.ledger.actions["tenant"] += len(elements)
 
     def _malformed_storm(self) -> None:
         with_id = [

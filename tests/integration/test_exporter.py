@@ -84,6 +84,7 @@ def expected(**figures: Any) -> dict[str, float]:
     for metric in ("waiting", "pending", "length"):
         for lane in LANES:
             out[f"sluice_queue_{metric}/{lane}"] = figures[metric].get(lane, 0)
+    out["sluice_queue_waiting/inbox"] = figures["waiting"].get("inbox", 0)  # tenants' inboxes
     out.update({
         "sluice_queue_consumers": figures.get("consumers", 0),
         "sluice_jobs_submitted_total": figures.get("submitted", 0),

@@ -9,7 +9,8 @@ Each script names every key it touches in KEYS, and a model's keys share the `{M
 all of them run on Redis Cluster too (a reply stream is a key of its own, in its own slot).
 Every script costs O(batch): none scans a stream or the keyspace.
 
-`library.lua` is the producer side, a Redis Function library (`sluice_submit`), loaded by the
+`library.lua` is the producer side, a Redis Function library (`sluice_submit`, and
+`sluice_enqueue` for tenants), loaded by the
 replicas; `LIBRARY_VERSION` is bumped whenever it changes, so replicas replace an older one.
 """
 
@@ -28,7 +29,7 @@ def source(name: str) -> str:
 
 
 #: Bumped whenever library.lua changes, so replicas replace an older library they find.
-LIBRARY_VERSION = "2"
+LIBRARY_VERSION = "3"
 
 PULL = source("pull-3")
 PUSH_REPLY = source("push_reply-1")
@@ -38,4 +39,5 @@ TRIM = source("trim-1")
 REPLAY = source("replay-4")
 RECLAIM = source("reclaim-2")
 RENEW = source("renew-2")
+ADMIT = source("admit-n")
 LIBRARY = f"#!lua name=sluice\nlocal VERSION = '{LIBRARY_VERSION}'\n" + source("library")

@@ -11,6 +11,15 @@
 --      {'done'}               the id has a final result already: nothing added
 --      {'rejected', depth, max} the model's queue is full: nothing added
 --      {'unknown_model'}      no model of that name is registered
+--
+-- sluice_enqueue KEYS: the tenant's inbox, bell, high, normal, low, info, job (dedupe),
+--                result, the tenant's stats
+--                ARGV: field/value pairs of the entry (`priority` picks the lane)
+--   The same answers, for a tenant (docs/security.md, "Tenants"): the entry goes into the
+--   tenant's inbox as one JSON object, and the bell is rung; a replica moves it into its
+--   lane (admit-n.lua). Every key is the tenant's own or read-only to it, and every command
+--   runs with the caller's rights, so a tenant cannot use this to touch another's keys.
+--   {'queued', 'inbox'} once added.
 -- Jobs that entered and are not yet acked: undelivered (the group's lag) plus pending.
 local function depth(key)
   if redis.call('EXISTS', key) == 0 then return 0 end
@@ -27,28 +36,51 @@ local function depth(key)
   return redis.call('XLEN', key)  -- no replica has read this lane yet
 end
 
-local function submit(keys, args)
-  if redis.call('EXISTS', keys[5]) == 0 then return {'unknown_model'} end
-  if redis.call('EXISTS', keys[7]) == 1 then return {'done'} end
-  local queued = redis.call('GET', keys[6])
+-- Why a submit is refused, or nil: no such model, an answered id, a queued id, or a full
+-- queue (counted in `stats`, where it happens: an exporter sees refusals even of callers it
+-- cannot see, in any language, at zero replicas too). `extra`: jobs queued outside the lanes.
+local function refusal(info, job, result, lanes, extra, stats)
+  if redis.call('EXISTS', info) == 0 then return {'unknown_model'} end
+  if redis.call('EXISTS', result) == 1 then return {'done'} end
+  local queued = redis.call('GET', job)
   if queued then return {'duplicate', queued} end
-  local max = tonumber(redis.call('HGET', keys[5], 'max_queue_depth') or '0')
+  local max = tonumber(redis.call('HGET', info, 'max_queue_depth') or '0')
   if max > 0 then
-    local d = depth(keys[2]) + depth(keys[3]) + depth(keys[4])
+    local d = extra
+    for _, lane in ipairs(lanes) do d = d + depth(lane) end
     if d >= max then
-      -- Counted here, where it happens: an exporter sees refusals even of callers it
-      -- cannot see (any language, any process), at zero replicas too.
-      if keys[8] then redis.call('HINCRBY', keys[8], 'rejected', 1) end
+      if stats then redis.call('HINCRBY', stats, 'rejected', 1) end
       return {'rejected', tostring(d), tostring(max)}
     end
   end
+  return nil
+end
+
+local function submit(keys, args)
+  local no = refusal(keys[5], keys[6], keys[7], {keys[2], keys[3], keys[4]}, 0, keys[8])
+  if no then return no end
   local entry = redis.call('XADD', keys[1], '*', unpack(args))
   local ttl = tonumber(redis.call('HGET', keys[5], 'result_ttl_s') or '86400')
   redis.call('SET', keys[6], entry, 'EX', ttl)
   return {'queued', entry}
 end
 
+local function enqueue(keys, args)
+  -- The lanes, and this tenant's own inbox (it may not read the others' lengths).
+  local inbox = redis.call('LLEN', keys[1])
+  local no = refusal(keys[6], keys[7], keys[8], {keys[3], keys[4], keys[5]}, inbox, keys[9])
+  if no then return no end
+  local job = {}
+  for i = 1, #args, 2 do job[args[i]] = args[i + 1] end
+  redis.call('RPUSH', keys[1], cjson.encode(job))
+  if redis.call('LLEN', keys[2]) == 0 then redis.call('RPUSH', keys[2], '1') end
+  local ttl = tonumber(redis.call('HGET', keys[6], 'result_ttl_s') or '86400')
+  redis.call('SET', keys[7], 'inbox', 'EX', ttl)
+  return {'queued', 'inbox'}
+end
+
 redis.register_function('sluice_submit', submit)
+redis.register_function('sluice_enqueue', enqueue)
 redis.register_function{
   function_name = 'sluice_version',
   callback = function() return VERSION end,

@@ -1,0 +1,384 @@
+"""Tenants: producers that share a Redis see, cancel and hear of only their own jobs, and can
+neither trim, read nor flood the queue (issue 16, finding 7: least-privilege producers).
+
+Each tenant is a real Redis user made by `sluice tenants add` (the code users run), against a
+real redis-server 7.0; replicas are real workers (tiny BERT) connected as `sluice-worker`,
+driven bare. The hostile tenant uses exactly the rights its ACL grants: raw RPUSH of any
+bytes into its own inbox, FCALL, and every command a producer might try on others' keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from redis.exceptions import NoPermissionError, ResponseError
+
+from sluice import cli, scripts, tenants
+from sluice.backlog import read_backlog
+from sluice.client import AsyncClient
+from sluice.errors import Overloaded
+from sluice.exporter import read_model
+from sluice.protocol import (
+    GROUP,
+    bell_key,
+    dead_key,
+    inbox_key,
+    info_key,
+    job_key,
+    jobs_key,
+    reply_key,
+    result_key,
+    stats_key,
+    tenant_stats_key,
+)
+from sluice.queue import StreamQueue, connect
+from sluice.runners.embed import EmbedRunner
+from sluice.settings import ModelSettings, QueueSettings
+from sluice.worker import Worker
+from tests.integration.test_semantics import all_stored, until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def tenant_urls(redis_server: Any, admin_url: str, capsys: Any) -> Iterator[dict[str, str]]:
+    """Two tenants, made with `sluice tenants add` as an operator would; their URLs as printed."""
+    urls = {}
+    for name in ("team-a", "team-b"):
+        assert cli.main(["tenants", "add", name, "--redis-url", admin_url]) == 0
+        printed = capsys.readouterr().out
+        match = re.search(r"SLUICE_REDIS_URL=(\S+)", printed)
+        assert match and f"SLUICE_TENANT={name}" in printed, printed
+        urls[name] = match[1]
+    yield urls
+    admin = redis.Redis.from_url(admin_url)
+    for name in urls:
+        tenants.remove(admin, name, force=True)
+    admin.close()
+
+
+def embed_settings(model: str, path: str) -> ModelSettings:
+    return ModelSettings(
+        name=model, model_path=path, task="embed", torch_threads=1, dtype="fp32", max_batch_size=8
+    )
+
+
+async def start_worker(url: str, model: str, path: str, **queue: Any) -> Worker:
+    limits = QueueSettings(block_ms=200, **queue)
+    runner = EmbedRunner(embed_settings(model, path))
+    runner.load()
+    worker = Worker(StreamQueue(connect(url), model, "w1", limits), runner, runner.settings, limits)
+    worker.start()
+    await asyncio.wait_for(worker.ready.wait(), 15)
+    return worker
+
+
+def refused(client: redis.Redis, *command: Any) -> bool:
+    try:
+        client.execute_command(*command)
+    except NoPermissionError:
+        return True
+    except ResponseError as exc:
+        # A function's command refused: Redis names the ACL failure inside the error.
+        return "can't run this command" in str(exc)
+    return False
+
+
+def test_tenants_submit_wait_and_cancel_only_their_own_jobs(
+    r, worker_url, tenant_urls, model_name, tiny_bert
+):
+    r.acl_log_reset()
+
+    async def scenario() -> None:
+        worker = await start_worker(worker_url, model_name, tiny_bert)
+        a = AsyncClient(tenant_urls["team-a"], tenant="team-a", recheck_s=0.5)
+        b = AsyncClient(tenant_urls["team-b"], tenant="team-b", recheck_s=0.5)
+        try:
+            # The same ids from two tenants are two jobs: each tenant's own.
+            ids = await a.submit_many(model_name, ["one", "two"], ids=["j1", "j2"])
+            assert ids == ["j1", "j2"]
+            assert await b.submit_many(model_name, ["other"], ids=["j1"]) == ["j1"]
+            got_a = await a.wait(ids, timeout=30)
+            (got_b,) = await b.wait(["j1"], timeout=30)
+            assert [x.status for x in got_a] == ["ok", "ok"] and got_b.ok
+            assert [x.id for x in got_a] == ids and got_b.id == "j1"
+            assert got_a[0].output != got_b.output  # "one" and "other" embedded apart
+            assert (
+                r.exists(result_key(model_name, "team-a:j1"), result_key(model_name, "team-b:j1"))
+                == 2
+            )
+            # A resubmitted id is not queued again; a cancel that comes first wins.
+            assert await a.submit(model_name, "one", id="j1") == "j1"
+            assert (await a.cancel("early", model=model_name)).status == "cancelled"
+            await a.submit(model_name, "too late", id="early")
+            (late,) = await a.wait(["early"], timeout=10)
+            assert late.status == "cancelled" and late.id == "early"
+            # Another tenant cannot cancel, nor read, team-a's job: its keys are not its own.
+            with pytest.raises(NoPermissionError):
+                await b.redis.set(result_key(model_name, "team-a:j2"), "forged")
+            with pytest.raises(NoPermissionError):
+                await b.redis.get(result_key(model_name, "team-a:j2"))
+            await until(lambda: _pending_zero(r, model_name), what="every entry acked")
+            # j1, j2 and b's j1; `early` was answered at its submit (`done`), never queued.
+            assert worker.stats.intake_moved == 3 and worker.stats.ok == 3
+        finally:
+            await a.close()
+            await b.close()
+            await worker.stop()
+
+    asyncio.run(scenario())
+    assert not r.llen(inbox_key(model_name, "team-a")) and not r.exists(bell_key(model_name))
+    # Through all of it, no command of a tenant or of the worker was refused, but the two
+    # tries above.
+    denials = {(e["username"], e["object"]) for e in r.acl_log()}
+    assert denials == {("sluice-tenant-team-b", result_key(model_name, "team-a:j2"))}, denials
+
+
+async def _pending_zero(r: redis.Redis, model: str) -> bool:
+    return all(
+        g["pending"] == 0 for g in r.xinfo_groups(jobs_key(model)) if g["name"] == b"workers"
+    )
+
+
+def test_a_tenant_is_refused_everything_but_its_own_submits(r, tenant_urls, model_name, worker_url):
+    a = redis.Redis.from_url(tenant_urls["team-a"])
+    lane = jobs_key(model_name)
+    # A lane with its group and an entry, as a replica leaves it.
+    r.xgroup_create(lane, GROUP, id="0", mkstream=True)
+    r.xadd(lane, {"id": "x", "input": "{}"})
+    r.hset(info_key(model_name), mapping={"task": "embed", "max_queue_depth": 0})
+    r.function_load(scripts.LIBRARY, replace=True)  # as a replica does when it registers
+    other_inbox = inbox_key(model_name, "team-b")
+    other_reply = reply_key(model_name, "team-b")
+    r.xadd(other_reply, {"id": "team-b:j", "result": "{}"})
+    for command in (
+        # The lanes: no XADD at all (so no MAXLEN/MINID trim, no explicit or maximal id), no
+        # read of queued inputs, no delete, trim or group change.
+        ("XADD", lane, "*", "id", "a", "input", "{}"),
+        ("XADD", lane, "MAXLEN", "0", "*", "id", "a", "input", "{}"),
+        ("XADD", lane, "18446744073709551615-18446744073709551615", "id", "a", "input", "{}"),
+        ("XADD", jobs_key(model_name, "high"), "*", "id", "a", "input", "{}"),
+        ("XRANGE", lane, "-", "+"),
+        ("XREAD", "STREAMS", lane, "0"),
+        ("XREADGROUP", "GROUP", GROUP, "thief", "STREAMS", lane, ">"),
+        ("XACK", lane, GROUP, "0-1"),
+        ("XCLAIM", lane, GROUP, "thief", "0", "0-1"),
+        ("DEL", lane),
+        ("XTRIM", lane, "MAXLEN", "0"),
+        ("XDEL", lane, "0-1"),
+        ("XGROUP", "DESTROY", lane, GROUP),
+        ("XGROUP", "SETID", lane, GROUP, "$"),
+        # Dead letters, registration, shared counters, the registries.
+        ("XRANGE", dead_key(model_name), "-", "+"),
+        ("HSET", info_key(model_name), "max_queue_depth", "1"),
+        ("DEL", info_key(model_name)),
+        ("HINCRBY", stats_key(model_name), "rejected", "1"),
+        ("HINCRBY", tenant_stats_key(model_name, "team-b"), "rejected", "1"),
+        ("SADD", "sluice:models", "evil"),
+        ("SADD", "sluice:tenants", "evil"),
+        ("SREM", "sluice:tenants", "team-b"),
+        # Other tenants' jobs: their dedupe records (squatting an id), results (forging or
+        # reading an answer, cancelling), inboxes and reply streams; and unscoped ids.
+        ("SET", job_key(model_name, "team-b:j"), "squat"),
+        ("GET", job_key(model_name, "team-b:j")),
+        ("SET", job_key(model_name, "j"), "squat"),
+        ("SET", result_key(model_name, "team-b:j"), "forged"),
+        ("GET", result_key(model_name, "team-b:j")),
+        ("SET", result_key(model_name, "j"), "forged"),
+        ("RPUSH", other_inbox, '{"id": "j"}'),
+        ("LRANGE", other_inbox, "0", "-1"),
+        ("XREAD", "STREAMS", other_reply, "0"),
+        ("DEL", other_reply),
+        ("XADD", other_reply, "*", "id", "team-b:j", "result", "{}"),
+        # The bell: ring it, never silence it.
+        ("DEL", bell_key(model_name)),
+        ("LPOP", bell_key(model_name)),
+        # The shared producer's function XADDs: refused inside, for a tenant.
+        (
+            "FCALL",
+            "sluice_submit",
+            8,
+            lane,
+            *[jobs_key(model_name, p) for p in ("high", "normal", "low")],
+            info_key(model_name),
+            job_key(model_name, "team-a:z"),
+            result_key(model_name, "team-a:z"),
+            stats_key(model_name),
+            "id",
+            "team-a:z",
+            "input",
+            "{}",
+        ),
+        # And the server.
+        ("KEYS", "*"),
+        ("FLUSHALL",),
+        ("CONFIG", "GET", "*"),
+        ("ACL", "LIST"),
+        ("FUNCTION", "LOAD", "REPLACE", "#!lua name=sluice\n"),
+    ):
+        assert refused(a, *command), f"a tenant may run {command}"
+    assert r.xlen(lane) == 1 and r.xlen(other_reply) == 1 and not r.exists(other_inbox)
+    assert r.hget(info_key(model_name), "max_queue_depth") == b"0"
+    # What it needs, it has: its own inbox, the bell, its own keys, the lanes' depth.
+    assert a.rpush(inbox_key(model_name, "team-a"), '{"id": "mine"}') == 1
+    assert a.rpush(bell_key(model_name), "1") == 1
+    assert a.set(result_key(model_name, "team-a:j"), "{}") and a.xlen(lane) == 1
+    a.close()
+
+
+HOSTILE = [
+    # (element, what becomes of it): the id it is answered under, or None: dead-lettered.
+    (b"not json at all", None),
+    (b"[1, 2, 3]", None),
+    (b"{}", None),
+    (b'{"id": 5, "input": {}}', None),
+    (b'"just a string"', None),
+    (b"\xff\xfe\x00binary", None),
+    (orjson.dumps({"id": "big", "input": {"text": "x" * 200_000}}), None),
+    (orjson.dumps({"id": "wide", **{f"f{i}": "v" for i in range(200)}}), None),
+    (b'{"id": "deep", "input": ' + b"[" * 900 + b"]" * 900 + b"}", "team-a:deep"),
+    # A forged tenant, an id naming another tenant: scoped to team-a whatever it says.
+    (b'{"id": "x", "tenant": "team-b", "input": {"text": "hi"}}', "team-a:x"),
+    (b'{"id": "team-b:y", "input": {"text": "hi"}}', "team-a:team-b:y"),
+    # A reply stream of team-b: refused (answered, nothing pushed there).
+    (
+        b'{"id": "spy", "input": {"text": "hi"}, "reply_to": "sluice:reply:team-b:{spied}"}',
+        "team-a:spy",
+    ),
+    # The plain forms work: input as JSON text, a lane, a deadline long past.
+    (b'{"id": "txt", "input": "{\\"text\\": \\"as text\\"}", "priority": "high"}', "team-a:txt"),
+    (b'{"id": "old", "input": {"text": "x"}, "deadline_ms": 1}', "team-a:old"),
+    (b'{"id": "nul", "input": {"text": "x"}, "params": null, "priority": ["odd"]}', "team-a:nul"),
+]
+
+
+def test_hostile_inbox_elements_are_answered_as_the_tenants_own_or_dead_lettered(
+    r, worker_url, tenant_urls, model_name, tiny_bert
+):
+    a = redis.Redis.from_url(tenant_urls["team-a"])
+    inbox = inbox_key(model_name, "team-a")
+    for element, _ in HOSTILE:
+        a.rpush(inbox, element)
+    a.rpush(bell_key(model_name), "1")
+    answered = {key for _, key in HOSTILE if key}
+    poison = sum(key is None for _, key in HOSTILE)
+
+    async def scenario() -> None:
+        worker = await start_worker(worker_url, model_name, tiny_bert)
+        try:
+            await until(lambda: _done(r, model_name, answered, poison), what="all handled")
+            await until(lambda: _pending_zero(r, model_name), what="every entry acked")
+        finally:
+            await worker.stop()
+
+    asyncio.run(scenario())
+    results = {k: orjson.loads(r.get(result_key(model_name, k))) for k in answered}
+    assert results["team-a:x"]["status"] == "ok"
+    assert results["team-a:team-b:y"]["status"] == "ok"
+    assert results["team-a:txt"]["status"] == "ok"
+    assert results["team-a:deep"]["status"] == "error"  # not a text input: refused, answered
+    assert results["team-a:old"]["status"] == "expired"
+    assert results["team-a:nul"]["status"] == "ok"
+    spy = results["team-a:spy"]
+    assert spy["status"] == "error" and "sluice:reply:team-a:" in spy["error"]["message"]
+    # Nothing under team-b's names, nothing pushed into its streams.
+    assert not r.exists(result_key(model_name, "team-b:y"), result_key(model_name, "x"))
+    assert not r.exists("sluice:reply:team-b:{spied}")
+    letters = r.xrange(dead_key(model_name))
+    assert len(letters) == poison
+    for _, fields in letters:
+        assert fields[b"tenant"] == b"team-a" and b"inbox element refused" in fields[b"reason"]
+        assert len(fields.get(b"raw", b"")) <= 1024
+    assert not r.llen(inbox) and not r.exists(bell_key(model_name))
+    a.close()
+
+
+async def _done(r: redis.Redis, model: str, answered: set[str], poison: int) -> bool:
+    stored = r.exists(*(result_key(model, k) for k in answered))
+    return stored == len(answered) and r.xlen(dead_key(model)) == poison
+
+
+def test_tenant_jobs_wait_in_inboxes_at_zero_replicas_count_as_backlog_and_are_bounded(
+    r, scaler_url, worker_url, tenant_urls, model_name, tiny_bert
+):
+    # A model registered earlier (a replica ran, then scaled to zero), with a small bound.
+    r.hset(info_key(model_name), mapping={"task": "embed", "max_queue_depth": 3})
+    r.function_load(scripts.LIBRARY, replace=True)  # as the replica that ran did
+
+    async def scenario() -> None:
+        a = AsyncClient(tenant_urls["team-a"], tenant="team-a", recheck_s=0.5)
+        try:
+            with pytest.raises(Overloaded) as full:
+                await a.submit_many(model_name, ["1", "2", "3", "4", "5"])
+            assert len(full.value.accepted) == 3 and len(full.value.rejected) == 2
+            scaler = redis.Redis.from_url(scaler_url, decode_responses=True)
+            backlog = read_backlog(scaler, model_name)
+            assert backlog.inbox == 3 and backlog.waiting == 3 and backlog.total == 3
+            reading = read_model(scaler, model_name)
+            assert reading.backlog.inbox == 3 and reading.rejections == 2
+            # A replica starts: the inbox is moved, every accepted job answered once.
+            worker = await start_worker(worker_url, model_name, tiny_bert)
+            try:
+                results = await a.wait(full.value.accepted, timeout=30)
+                assert all(x.ok for x in results)
+                await until(lambda: _pending_zero(r, model_name), what="every entry acked")
+                after = read_backlog(scaler, model_name)
+                assert after.inbox == 0 and after.waiting == 0 and after.added == 3
+            finally:
+                await worker.stop()
+            scaler.close()
+        finally:
+            await a.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_intake_moves_a_backlog_larger_than_one_pass(
+    r, worker_url, tenant_urls, model_name, tiny_bert
+):
+    a = redis.Redis.from_url(tenant_urls["team-a"])
+    b = redis.Redis.from_url(tenant_urls["team-b"])
+    n = 300  # several passes of 64 per inbox; one ring only
+    for i in range(n):
+        a.rpush(
+            inbox_key(model_name, "team-a"), orjson.dumps({"id": f"a{i}", "input": {"text": "x"}})
+        )
+        b.rpush(
+            inbox_key(model_name, "team-b"), orjson.dumps({"id": f"b{i}", "input": {"text": "y"}})
+        )
+    a.rpush(bell_key(model_name), "1")
+
+    async def scenario() -> None:
+        worker = await start_worker(worker_url, model_name, tiny_bert)
+        aio = connect(worker_url)
+        try:
+            ids = [f"team-a:a{i}" for i in range(n)] + [f"team-b:b{i}" for i in range(n)]
+            await all_stored(aio, model_name, ids, timeout_s=60)
+        finally:
+            await worker.stop()
+            await aio.aclose()
+
+    asyncio.run(scenario())
+    assert not r.exists(inbox_key(model_name, "team-a"), inbox_key(model_name, "team-b"))
+    a.close()
+    b.close()
+
+
+def test_a_tenant_with_queued_jobs_is_not_removed_by_accident(r, admin_url, model_name):
+    admin = redis.Redis.from_url(admin_url, decode_responses=True)
+    tenants.add(admin, "team-c", "pw-team-c-0123456789")
+    r.sadd("sluice:models", model_name)
+    r.rpush(inbox_key(model_name, "team-c"), "{}")
+    with pytest.raises(RuntimeError, match="1 jobs in its inboxes"):
+        tenants.remove(admin, "team-c")
+    assert [t.name for t in tenants.listing(admin)].count("team-c") == 1
+    assert tenants.remove(admin, "team-c", force=True) == 1
+    assert "sluice-tenant-team-c" not in admin.acl_users()
+    r.srem("sluice:models", model_name)
+    admin.close()
