@@ -8,6 +8,8 @@ user + system), so how fast this Python client drives it does not matter:
 
 * **submit, raw**: `--jobs` jobs XADDed in pipelines of `--batch` (any producer's path);
 * **submit, admitted**: as many through `FCALL sluice_submit` (the SDK's: admission, dedupe);
+* **submit as a tenant**: as many through `FCALL sluice_enqueue` (into the tenant's inbox),
+  then the **intake** that replicas run, moving the inbox into the lane (`admit-n.lua`);
 * **serve**: what replicas do for the raw jobs, through the real `StreamQueue`: the pull
   script in batches of `--batch`, then `finish` (the store script, the reply push, the XACK)
   with a result shaped like MiniLM's (384 floats, as JSON or base64, plus timings), then one
@@ -47,7 +49,8 @@ from tqdm import tqdm
 from loadtest.report import machine_info, print_medians, report_file
 from sluice import admission
 from sluice.errors import JobCancelled
-from sluice.protocol import Result, error_result, jobs_key, reply_key, result_key
+from sluice.intake import Intake
+from sluice.protocol import TENANTS_KEY, Result, error_result, jobs_key, reply_key, result_key
 from sluice.queue import Outcome, StreamQueue, connect
 from sluice.settings import QueueSettings
 from sluice.stack import RedisServer
@@ -126,6 +129,7 @@ async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:
         await admission.submit(redis, admitted, [(i, fields) for i in chunk])
         bar.update(len(chunk))
     out["submit_admitted_us"] = (await cpu_s(redis) - before) * 1e6 / ns.jobs
+    out.update(await tenant_submit(redis, f"{model}-t", chunks, fields, bar))
 
     rng = np.random.default_rng(0)
     timings = {"queue_ms": 1.0, "batch_wait_ms": 1.0, "compute_ms": 10.0, "total_ms": 12.0,
@@ -173,6 +177,32 @@ async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:
     return out
 
 
+async def tenant_submit(
+    redis: Any, model: str, chunks: list[list[str]], fields: Any, bar: tqdm
+) -> Json:
+    """A tenant's path to the lane: FCALL sluice_enqueue (admission, dedupe, RPUSH to its
+    inbox, the bell), then the replicas' intake moving the inbox into the lane (admit-n.lua)."""
+    queue = StreamQueue(redis, model, "bench", QueueSettings())
+    await queue.ensure_group()
+    await queue.register({"task": "embed", "model_path": "none", "registered_ms": 0})
+    await redis.sadd(TENANTS_KEY, "bench")
+    jobs = sum(len(c) for c in chunks)
+    before = await cpu_s(redis)
+    for chunk in chunks:
+        await admission.submit(redis, model, [(i, fields) for i in chunk], tenant="bench")
+        bar.update(len(chunk))
+    submitted = await cpu_s(redis)
+    intake = Intake(redis, model, QueueSettings())
+    while (await intake.move(["bench"])).moved:
+        pass
+    moved = await cpu_s(redis)
+    await redis.srem(TENANTS_KEY, "bench")
+    return {
+        "submit_tenant_us": (submitted - before) * 1e6 / jobs,
+        "intake_us": (moved - submitted) * 1e6 / jobs,
+    }
+
+
 async def submit_raw(
     redis: Any, model: str, chunks: list[list[str]], fields: Any, bar: tqdm
 ) -> None:
@@ -208,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     server = RedisServer().start()
     runs = []
     try:
-        bar = tqdm(total=7 * ns.jobs * ns.repeats, unit="job", desc="redis cost")
+        bar = tqdm(total=8 * ns.jobs * ns.repeats, unit="job", desc="redis cost")
         for _ in range(ns.repeats):
             runs.append(asyncio.run(repeat(ns, server.url, bar)))
         bar.close()

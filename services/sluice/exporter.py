@@ -130,7 +130,8 @@ def _tenant_rejections(client: SyncRedis, model: str) -> int:
         for tenant in tenants:
             pipe.hget(tenant_stats_key(model, tenant), "rejected")
         counts = pipe.execute(raise_on_error=False)
-    return sum(int(c) for c in counts if c is not None and not isinstance(c, Exception))
+    # Floored at 0: a tenant may write its own counter, and must not hide another's.
+    return sum(max(0, int(c)) for c in counts if c is not None and not isinstance(c, Exception))
 
 
 class QueueCollector:

@@ -21,7 +21,15 @@ from redis.exceptions import NoPermissionError, RedisError
 
 from sluice import scripts
 from sluice.connection import AsyncRedis, cluster_hint
-from sluice.protocol import TENANT_RE, TENANTS_KEY, bell_key, inbox_key, lane_keys
+from sluice.protocol import (
+    TENANT_RE,
+    TENANTS_KEY,
+    bell_key,
+    inbox_key,
+    info_key,
+    lane_keys,
+    max_element_bytes,
+)
 from sluice.queue import Backoff
 from sluice.settings import QueueSettings
 
@@ -31,13 +39,29 @@ log = logging.getLogger(__name__)
 PER_INBOX_COUNT = 64
 #: Fields an element may carry (an entry of the protocol has at most six).
 MAX_FIELDS = 64
+#: Bytes of elements one script call may decode, over all inboxes: what bounds its time
+#: (a few ms) whatever the tenants push.
+BYTE_BUDGET = 1 << 20
+#: How long to wait before moving more while the queue is at `max_queue_depth`.
+FULL_WAIT_S = 0.05
 
 
 @dataclass(slots=True)
 class IntakeStats:
     moved: int = 0  # elements moved into the lanes
+    dropped: int = 0  # ids answered or moved already: their one result answers them
+    dead: int = 0  # elements that could not be answered: on their tenant's dead stream
     refused_inboxes: int = 0  # inbox keys Redis refused (not a list): skipped, logged
     errors: int = 0  # Redis errors met (retried)
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """What one pass did."""
+
+    moved: int
+    left: int  # inboxes still holding elements
+    full: bool  # the queue bound stopped it
 
 
 class Intake:
@@ -49,11 +73,15 @@ class Intake:
         self.limits = limits
         self.stats = IntakeStats()
         self._admit = redis.register_script(scripts.ADMIT)
-        self._bell = bell_key(model)
-        self._lanes = lane_keys(model)
-        # The most an element may weigh and still be decoded: a job's largest fields, plus
-        # room for its id, deadline and reply stream.
-        self._max_bytes = limits.max_input_bytes + limits.max_params_bytes + 4096
+        self._keys = [bell_key(model), *lane_keys(model), info_key(model)]
+        self._args: list[str | int] = [
+            PER_INBOX_COUNT,
+            max_element_bytes(limits),
+            MAX_FIELDS,
+            BYTE_BUDGET,
+            limits.dead_maxlen,
+        ]
+        self._turn = 0  # whose inbox goes first: each tenant in turn, so none always waits
 
     async def tenants(self) -> list[str]:
         """The tenants, valid names only (any other would address keys outside the slot)."""
@@ -62,17 +90,28 @@ class Intake:
         decoded = (n.decode() if isinstance(n, bytes) else str(n) for n in names)
         return sorted(n for n in decoded if TENANT_RE.fullmatch(n))
 
-    async def move(self, tenants: list[str]) -> tuple[int, int]:
-        """One atomic pass over every tenant's inbox: (moved, inboxes still holding some)."""
-        keys = [self._bell, *self._lanes, *(inbox_key(self.model, t) for t in tenants)]
-        args: list[str | int] = [PER_INBOX_COUNT, self._max_bytes, MAX_FIELDS, *tenants]
+    async def move(self, tenants: list[str]) -> Moved:
+        """One atomic pass over every tenant's inbox, starting with a different one each time."""
+        self._turn = (self._turn + 1) % max(len(tenants), 1)
+        order = tenants[self._turn :] + tenants[: self._turn]
+        keys = [*self._keys, *(inbox_key(self.model, t) for t in order)]
         with cluster_hint():
-            moved, left, refused = await self._admit(keys=keys, args=args)
+            reply = await self._admit(keys=keys, args=[*self._args, *order])
+        moved, left, refused, dropped, dead, full = (int(x) for x in reply)
         if refused:
-            self.stats.refused_inboxes += int(refused)
+            self.stats.refused_inboxes += refused
             log.error("%d inboxes of %s are not lists: skipped", refused, self.model)
-        self.stats.moved += int(moved)
-        return int(moved), int(left)
+        if dead:
+            log.warning(
+                "%d inbox elements of %s could not be answered: dead-lettered on their "
+                "tenants' dead streams",
+                dead,
+                self.model,
+            )
+        self.stats.moved += moved
+        self.stats.dropped += dropped
+        self.stats.dead += dead
+        return Moved(moved, left, bool(full))
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Moves inboxes until `stopping` is set; waits on the bell while they are empty."""
@@ -81,13 +120,14 @@ class Intake:
         while not stopping.is_set():
             try:
                 tenants = await self.tenants()
-                left = 0
-                if tenants:
-                    _, left = await self.move(tenants)
-                if not left:
+                moved = await self.move(tenants) if tenants else Moved(0, 0, False)
+                if moved.full:
+                    # The queue is at max_queue_depth: the inboxes wait while replicas work.
+                    await asyncio.sleep(FULL_WAIT_S)
+                elif not moved.left:
                     # Woken by the next submit's ring (or after wait_s, to see new tenants).
                     with cluster_hint():
-                        await self.redis.blpop([self._bell], timeout=wait_s)
+                        await self.redis.blpop([self._keys[0]], timeout=wait_s)
                 backoff.reset()
             except NoPermissionError as exc:
                 self.stats.errors += 1
@@ -95,5 +135,6 @@ class Intake:
                 await asyncio.sleep(30)
             except (RedisError, OSError) as exc:
                 self.stats.errors += 1
-                log.warning("intake of %s failed (%r); backing off", self.model, exc)
+                name = type(exc).__name__
+                log.warning("intake of %s failed (%s: %s); backing off", self.model, name, exc)
                 await backoff.sleep()

@@ -76,6 +76,12 @@ def dead_key(model: str) -> str:
     return f"sluice:{{{model}}}:dead"
 
 
+def tenant_dead_key(model: str, tenant: str) -> str:
+    """A tenant's own dead stream: its inbox elements that had no id to answer (so one
+    tenant's poison never pushes another's dead letters out of the shared stream)."""
+    return f"sluice:{{{model}}}:dead:{tenant}"
+
+
 def stats_key(model: str) -> str:
     """A model's counters kept by Redis itself (hash): `rejected`, the submits that admission
     refused (the `sluice_submit` function counts them; `sluice exporter` reads them)."""
@@ -115,6 +121,13 @@ def tenant_stats_key(model: str, tenant: str) -> str:
 def tenant_reply_prefix(tenant: str) -> str:
     """Every reply stream of a tenant starts with this: a tenant's job may name no other."""
     return f"sluice:reply:{tenant}:"
+
+
+def max_element_bytes(limits: QueueSettings) -> int:
+    """The largest inbox element decoded: a job's largest fields, as JSON inside JSON (each
+    character escaped at most six times over: a control character as \\u00XX), plus room
+    for its id, deadline and reply stream. Anything larger is refused undecoded."""
+    return 6 * (limits.max_input_bytes + limits.max_params_bytes) + 4096
 
 
 def scoped_id(tenant: str, job_id: str) -> str:
@@ -223,11 +236,10 @@ def decode_job(
         return BadEntry(entry_id, fields, err, usable_id, usable_reply, deliveries, lane)
 
     if job_id is None:
-        return bad(InvalidInput(_no_id_reason(fields)))
+        return bad(InvalidInput("missing field `id`"))
     tenant = fields.get("tenant")
-    if tenant is not None and not _owned(tenant, usable_id):
-        # Only the intake writes `tenant`, with the id scoped: anything else is forged.
-        return bad(InvalidInput("`tenant` is set by the intake only, with the id scoped to it"))
+    if tenant is not None and (problem := _tenant_problem(tenant, usable_id, fields)):
+        return bad(problem)
     if repeated:
         names = sorted(repeated)[:8]
         return bad(InvalidInput(f"fields given more than once: {[n[:64] for n in names]}"))
@@ -269,15 +281,16 @@ def _usable_reply(reply_to: str | None, tenant: str | None) -> str | None:
     return reply_to
 
 
-def _no_id_reason(fields: Mapping[str, str]) -> str:
-    if "poison" in fields and "tenant" in fields:  # the intake's mark on a refused element
-        return f"inbox element refused: {fields['poison'][:200]}"
-    return "missing field `id`"
-
-
-def _owned(tenant: str, job_id: str | None) -> bool:
-    """A tenant's entry is well formed: a valid name, and the id scoped to it."""
-    return bool(TENANT_RE.fullmatch(tenant)) and bool(job_id and job_id.startswith(f"{tenant}:"))
+def _tenant_problem(
+    tenant: str, job_id: str | None, fields: Mapping[str, str]
+) -> SluiceError | None:
+    """What is wrong with a tenant's entry, as the intake moved it (None: nothing)."""
+    if not (TENANT_RE.fullmatch(tenant) and job_id and job_id.startswith(f"{tenant}:")):
+        # Only the intake writes `tenant`, with the id scoped: anything else is forged.
+        return InvalidInput("`tenant` is set by the intake only, with the id scoped to it")
+    if "poison" in fields:  # the intake's mark on an element it could not take as it was
+        return InvalidInput(f"inbox element refused: {fields['poison'][:200]}")
+    return None
 
 
 def _reply_rule(tenant: str | None) -> str:

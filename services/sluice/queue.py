@@ -31,6 +31,7 @@ from sluice.protocol import (
     dead_key,
     info_key,
     lane_keys,
+    max_element_bytes,
     result_key,
 )
 from sluice.settings import QueueSettings
@@ -224,6 +225,8 @@ class StreamQueue:
             **info,
             "max_queue_depth": self.settings.max_queue_depth,
             "result_ttl_s": self.settings.result_ttl_s,
+            # sluice_enqueue refuses larger: the intake would not decode it (no id to answer).
+            "max_element_bytes": max_element_bytes(self.settings),
         }
         # Not one MULTI: the models set is in a slot of its own on a cluster.
         with cluster_hint():

@@ -46,11 +46,12 @@ import orjson
 import redis
 
 from sluice import tenants
-from sluice.protocol import GROUP, dead_key, lane_keys, reply_key, result_key
+from sluice.protocol import GROUP, dead_key, lane_keys, reply_key, result_key, tenant_dead_key
 from sluice.stack import RedisServer, free_port
 from tests.chaos.producers import (
     NO_ID_KEY,
     TENANT,
+    TENANT_POISON_KEY,
     TENANT_REPLY,
     Producers,
     Reader,
@@ -477,6 +478,14 @@ def judge(
     twice = _answered_twice(admin, results, dead, replies)
     no_id_entered = int(admin.get(NO_ID_KEY) or 0)
     unexpected = [f"{n} deleted_while_pending" for n in [reasons["deleted_while_pending"]] if n]
+    # The tenant's poison: each on its own dead stream, never on the shared one.
+    tenant_letters = admin.xlen(tenant_dead_key(EMBED, TENANT))
+    reasons["tenant poison (own dead stream)"] = tenant_letters
+    if tenant_letters != int(admin.get(TENANT_POISON_KEY) or 0):
+        unexpected.append(
+            f"{tenant_letters} letters of the tenant's poison, "
+            f"{int(admin.get(TENANT_POISON_KEY) or 0)} entered"
+        )
     if reasons["malformed (no usable id)"] != no_id_entered:
         unexpected.append(
             f"{reasons['malformed (no usable id)']} letters of entries without an id, "

@@ -59,9 +59,11 @@ MALFORMED_WITHOUT_ID: list[dict[str, Any]] = [
 #: The campaign's tenant, and its reply stream.
 TENANT = "chaos-t"
 TENANT_REPLY = reply_key("chaos", TENANT)
-#: Inbox elements that can only be dead-lettered (no string id, not an object).
+#: Inbox elements that can only be dead-lettered, on the tenant's own dead stream (no valid
+#: id, not an object); counted in their submit's MULTI.
 POISON_ELEMENTS: list[bytes] = [b"not json", b"[1, 2]", b'{"id": 7}', b"\xff\x00", b"{}"]
 
+TENANT_POISON_KEY = "chaos:tenant-poison"
 #: Counts the entries with no usable id that entered (in the submit's own MULTI).
 NO_ID_KEY = "chaos:entered-without-id"
 
@@ -188,7 +190,10 @@ class Producers:
         elements: list[tuple[str | None, bytes]] = []
         for _ in range(4):
             job_id = self._next_id("t")
-            job = {"id": job_id, "input": {"text": f"tenant {job_id}"}, "reply_to": TENANT_REPLY}
+            text = orjson.dumps({"text": f"tenant {job_id}"}).decode()  # JSON text, as on a lane
+            job = {"id": job_id, "input": text, "reply_to": TENANT_REPLY}
+            if self.rng.random() < 0.1:  # an object where text belongs: answered invalid_input
+                job["input"] = {"text": "an object"}
             elements.append((scoped_id(TENANT, job_id), orjson.dumps(job)))
         if self.rng.random() < 0.3:
             elements.append((None, self.rng.choice(POISON_ELEMENTS)))
@@ -198,7 +203,7 @@ class Producers:
                 for scoped, element in elements:
                     pipe.rpush(inbox_key(self.embed_model, TENANT), element)
                     if scoped is None:
-                        pipe.incr(NO_ID_KEY)
+                        pipe.incr(TENANT_POISON_KEY)
                     else:
                         pipe.set(entered_key(self.embed_model, scoped), "1")
                 pipe.rpush(bell_key(self.embed_model), "1")
@@ -207,8 +212,6 @@ class Producers:
             self.ledger.maybe(self.embed_model, ids)
             raise
         self.ledger.entered(self.embed_model, ids)
-        with self.ledger.lock:
-            self.ledger.no_id_sent += len(elements) - len(ids)
         self.ledger.actions["tenant"] += len(elements)
 
     def _malformed_storm(self) -> None:

@@ -32,9 +32,11 @@ from sluice.protocol import (
     info_key,
     job_key,
     jobs_key,
+    lane_keys,
     reply_key,
     result_key,
     stats_key,
+    tenant_dead_key,
     tenant_stats_key,
 )
 from sluice.queue import StreamQueue, connect
@@ -232,30 +234,57 @@ def test_a_tenant_is_refused_everything_but_its_own_submits(r, tenant_urls, mode
     a.close()
 
 
+TEXT = orjson.dumps({"text": "hi"}).decode()  # `input` as a stream carries it: JSON text
 HOSTILE = [
-    # (element, what becomes of it): the id it is answered under, or None: dead-lettered.
-    (b"not json at all", None),
-    (b"[1, 2, 3]", None),
-    (b"{}", None),
-    (b'{"id": 5, "input": {}}', None),
-    (b'"just a string"', None),
-    (b"\xff\xfe\x00binary", None),
-    (orjson.dumps({"id": "big", "input": {"text": "x" * 200_000}}), None),
-    (orjson.dumps({"id": "wide", **{f"f{i}": "v" for i in range(200)}}), None),
-    (b'{"id": "deep", "input": ' + b"[" * 900 + b"]" * 900 + b"}", "team-a:deep"),
+    # (element, its fate): "dead" (no id to answer: the tenant's own dead stream), or the id
+    # it is answered under and the status it ends with.
+    (b"not json at all", "dead"),
+    (b"[1, 2, 3]", "dead"),
+    (b"{}", "dead"),
+    (b'{"id": 5, "input": "{}"}', "dead"),
+    (b'{"id": "has space", "input": "{}"}', "dead"),
+    (orjson.dumps({"id": "x" * 200, "input": "{}"}), "dead"),
+    (b'"just a string"', "dead"),
+    (b"\xff\xfe\x00binary", "dead"),
+    (orjson.dumps({"id": "huge", "input": "x" * 500_000}), "dead"),  # over max_element_bytes
+    # A valid id and a bad field: answered `invalid_input`, never re-encoded (an object
+    # `input` would lose float digits to cjson).
+    (
+        orjson.dumps(
+            {
+                "id": "obj",
+                "input": {"text": "hi", "w": 0.1234567890123456},
+                "reply_to": "sluice:reply:team-a:{told}",
+            }
+        ),
+        "error",
+    ),
+    (orjson.dumps({"id": "wide", "input": TEXT, **{f"f{i}": "v" for i in range(200)}}), "error"),
+    (b'{"id": "deep", "input": ' + b"[" * 900 + b"]" * 900 + b"}", "error"),
     # A forged tenant, an id naming another tenant: scoped to team-a whatever it says.
-    (b'{"id": "x", "tenant": "team-b", "input": {"text": "hi"}}', "team-a:x"),
-    (b'{"id": "team-b:y", "input": {"text": "hi"}}', "team-a:team-b:y"),
+    (orjson.dumps({"id": "x", "tenant": "team-b", "input": TEXT}), "ok"),
+    (orjson.dumps({"id": "team-b:y", "input": TEXT}), "ok"),
     # A reply stream of team-b: refused (answered, nothing pushed there).
     (
-        b'{"id": "spy", "input": {"text": "hi"}, "reply_to": "sluice:reply:team-b:{spied}"}',
-        "team-a:spy",
+        orjson.dumps({"id": "spy", "input": TEXT, "reply_to": "sluice:reply:team-b:{spied}"}),
+        "error",
     ),
-    # The plain forms work: input as JSON text, a lane, a deadline long past.
-    (b'{"id": "txt", "input": "{\\"text\\": \\"as text\\"}", "priority": "high"}', "team-a:txt"),
-    (b'{"id": "old", "input": {"text": "x"}, "deadline_ms": 1}', "team-a:old"),
-    (b'{"id": "nul", "input": {"text": "x"}, "params": null, "priority": ["odd"]}', "team-a:nul"),
+    # The plain forms: a lane, a deadline long past (a number), JSON null, an odd priority.
+    (
+        orjson.dumps(
+            {"id": "txt", "input": orjson.dumps({"text": 'a/b\\c"d'}).decode(), "priority": "high"}
+        ),
+        "ok",
+    ),
+    (orjson.dumps({"id": "old", "input": TEXT, "deadline_ms": 1}), "expired"),
+    (orjson.dumps({"id": "nul", "input": TEXT, "params": None, "priority": ["odd"]}), "ok"),
+    # The same id again: one job, one answer.
+    (orjson.dumps({"id": "txt", "input": TEXT}), "dropped"),
 ]
+
+
+def _fate_key(element: bytes) -> str:
+    return f"team-a:{orjson.loads(element)['id']}"
 
 
 def test_hostile_inbox_elements_are_answered_as_the_tenants_own_or_dead_lettered(
@@ -266,32 +295,34 @@ def test_hostile_inbox_elements_are_answered_as_the_tenants_own_or_dead_lettered
     for element, _ in HOSTILE:
         a.rpush(inbox, element)
     a.rpush(bell_key(model_name), "1")
-    answered = {key for _, key in HOSTILE if key}
-    poison = sum(key is None for _, key in HOSTILE)
+    fates = {_fate_key(e): f for e, f in HOSTILE if f not in ("dead", "dropped")}
+    dead = sum(f == "dead" for _, f in HOSTILE)
+    mine = tenant_dead_key(model_name, "team-a")
 
     async def scenario() -> None:
         worker = await start_worker(worker_url, model_name, tiny_bert)
         try:
-            await until(lambda: _done(r, model_name, answered, poison), what="all handled")
+            await until(lambda: _done(r, model_name, set(fates), mine, dead), what="all handled")
             await until(lambda: _pending_zero(r, model_name), what="every entry acked")
+            assert worker._intake.stats.dropped == 1 and worker._intake.stats.dead == dead
         finally:
             await worker.stop()
 
     asyncio.run(scenario())
-    results = {k: orjson.loads(r.get(result_key(model_name, k))) for k in answered}
-    assert results["team-a:x"]["status"] == "ok"
-    assert results["team-a:team-b:y"]["status"] == "ok"
-    assert results["team-a:txt"]["status"] == "ok"
-    assert results["team-a:deep"]["status"] == "error"  # not a text input: refused, answered
-    assert results["team-a:old"]["status"] == "expired"
-    assert results["team-a:nul"]["status"] == "ok"
-    spy = results["team-a:spy"]
-    assert spy["status"] == "error" and "sluice:reply:team-a:" in spy["error"]["message"]
-    # Nothing under team-b's names, nothing pushed into its streams.
+    results = {k: orjson.loads(r.get(result_key(model_name, k))) for k in fates}
+    assert {k: v["status"] for k, v in results.items()} == fates
+    assert "sluice:reply:team-a:" in results["team-a:spy"]["error"]["message"]
+    assert "must be a string" in results["team-a:obj"]["error"]["message"]
+    # Its refusal reached the stream it named, as every final outcome does.
+    ((_, told),) = r.xrange("sluice:reply:team-a:{told}")
+    assert orjson.loads(told[b"result"])["id"] == "team-a:obj"
+    assert "over 64 fields" in results["team-a:wide"]["error"]["message"]
+    # Nothing under team-b's names, nothing pushed into its streams, nothing in the shared
+    # dead stream: a tenant's poison stays on its own.
     assert not r.exists(result_key(model_name, "team-b:y"), result_key(model_name, "x"))
-    assert not r.exists("sluice:reply:team-b:{spied}")
-    letters = r.xrange(dead_key(model_name))
-    assert len(letters) == poison
+    assert not r.exists("sluice:reply:team-b:{spied}") and not r.exists(dead_key(model_name))
+    letters = r.xrange(mine)
+    assert len(letters) == dead
     for _, fields in letters:
         assert fields[b"tenant"] == b"team-a" and b"inbox element refused" in fields[b"reason"]
         assert len(fields.get(b"raw", b"")) <= 1024
@@ -299,9 +330,95 @@ def test_hostile_inbox_elements_are_answered_as_the_tenants_own_or_dead_lettered
     a.close()
 
 
-async def _done(r: redis.Redis, model: str, answered: set[str], poison: int) -> bool:
+async def _done(
+    r: redis.Redis, model: str, answered: set[str], dead_stream: str, dead: int
+) -> bool:
     stored = r.exists(*(result_key(model, k) for k in answered))
-    return stored == len(answered) and r.xlen(dead_key(model)) == poison
+    return stored == len(answered) and r.xlen(dead_stream) == dead
+
+
+def test_a_flooding_tenant_gets_no_more_than_the_queue_bound_and_one_job_per_id(
+    r, worker_url, tenant_urls, model_name, tiny_bert
+):
+    """Raw RPUSHes skip sluice_enqueue's admission: the intake applies it again. 5,000 copies
+    of one id, all high priority, with max_queue_depth 10: one job; and 500 distinct ids move
+    no faster than the lanes have room, so another tenant's submits still get in."""
+    r.hset(info_key(model_name), mapping={"task": "embed", "max_queue_depth": 10})
+    a = redis.Redis.from_url(tenant_urls["team-a"])
+    inbox = inbox_key(model_name, "team-a")
+    copy = orjson.dumps({"id": "x", "input": TEXT, "priority": "high"})
+    for _ in range(5):
+        a.rpush(inbox, *[copy] * 1000)
+    a.rpush(inbox, *[orjson.dumps({"id": f"d{i}", "input": TEXT}) for i in range(500)])
+    a.rpush(bell_key(model_name), "1")
+
+    async def scenario() -> None:
+        worker = await start_worker(worker_url, model_name, tiny_bert, max_queue_depth=10)
+        b = AsyncClient(tenant_urls["team-b"], tenant="team-b", recheck_s=0.5)
+        try:
+            depths = []
+            for _ in range(40):
+                depths.append(sum(_depth(r, key) for key in lane_keys(model_name)))
+                await asyncio.sleep(0.02)
+            # team-b's submit gets in while team-a's flood drains (retrying when full).
+            (got,) = await _submit_until_in(b, model_name, "b1")
+            assert got.ok
+            await until(lambda: _inbox_empty(r, inbox), 60, what="the flood drained")
+            await until(lambda: _pending_zero(r, model_name), what="every entry acked")
+            assert max(depths) <= 10 + 64  # the bound, plus at most one pass's overshoot
+            assert worker._intake.stats.dropped == 4999
+        finally:
+            await b.close()
+            await worker.stop()
+
+    asyncio.run(scenario())
+    assert r.exists(*(result_key(model_name, f"team-a:d{i}") for i in range(500))) == 500
+    assert orjson.loads(r.get(result_key(model_name, "team-a:x")))["status"] == "ok"
+    a.close()
+
+
+def _depth(r: redis.Redis, key: str) -> int:
+    if not r.exists(key):
+        return 0
+    group = next((g for g in r.xinfo_groups(key) if g["name"] == b"workers"), None)
+    return r.xlen(key) if group is None else int(group["lag"] or 0) + int(group["pending"])
+
+
+async def _inbox_empty(r: redis.Redis, inbox: str) -> bool:
+    return not r.llen(inbox)
+
+
+async def _submit_until_in(client: AsyncClient, model: str, job_id: str) -> list[Any]:
+    for _ in range(200):
+        try:
+            await client.submit(model, "from team-b", id=job_id)
+            return await client.wait([job_id], timeout=30)
+        except Overloaded:
+            await asyncio.sleep(0.05)
+    raise AssertionError("team-b never got in")
+
+
+def test_text_that_json_escaping_doubles_is_answered_and_a_job_too_large_is_refused(
+    r, worker_url, tenant_urls, model_name, tiny_bert
+):
+    async def scenario() -> None:
+        worker = await start_worker(worker_url, model_name, tiny_bert)
+        a = AsyncClient(tenant_urls["team-a"], tenant="team-a", recheck_s=0.5)
+        try:
+            # Slashes and quotes: under max_input_bytes, twice that once cjson escapes them
+            # into the inbox element; answered ok.
+            ok = await a.submit(model_name, "/" * 20_000 + '"' * 10_000, id="escaped")
+            # Larger than the intake decodes: answered `input_too_large` at the submit.
+            big = await a.submit(model_name, "x" * 500_000, id="big")
+            escaped, too_big = await a.wait([ok, big], timeout=30)
+            assert escaped.ok, escaped
+            assert too_big.status == "error" and too_big.error["code"] == "input_too_large"
+        finally:
+            await a.close()
+            await worker.stop()
+
+    asyncio.run(scenario())
+    assert not r.exists(tenant_dead_key(model_name, "team-a"))
 
 
 def test_tenant_jobs_wait_in_inboxes_at_zero_replicas_count_as_backlog_and_are_bounded(

@@ -29,7 +29,7 @@ def source(name: str) -> str:
 
 
 #: Bumped whenever library.lua changes, so replicas replace an older library they find.
-LIBRARY_VERSION = "3"
+LIBRARY_VERSION = "4"
 
 PULL = source("pull-3")
 PUSH_REPLY = source("push_reply-1")

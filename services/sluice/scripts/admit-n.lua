@@ -1,22 +1,38 @@
--- KEYS: the bell, the lanes (high, normal, low), then one inbox per tenant.
--- ARGV: how many elements to move from each inbox, the largest element (bytes) decoded,
---       the most fields an element may carry, then the tenants in the order of their inboxes.
+-- KEYS: the bell, the lanes (high, normal, low), the model's info, then one inbox per tenant.
+-- ARGV: the most elements to move from one inbox, the largest element (bytes) decoded, the
+--       most fields an element may carry, the bytes one call may decode in all, the dead
+--       streams' MAXLEN, then the tenants in the order of their inboxes.
 --
 -- Moves the tenants' submits from their inboxes (lists that only their tenant may push to)
--- into the lanes, as stream entries, in one atomic step: an element leaves its inbox only by
--- becoming an entry, so nothing is lost between the two. Its id is scoped here
--- (`<tenant>:<id>`) and `tenant` set here, whatever the element says, so a tenant can only
--- ever name jobs of its own. An element that is not a JSON object with a string `id` (or is
--- over the size or field limit, then not decoded at all) becomes an id-less entry carrying
--- its first KiB, which the replica dead-letters: a poison element never stops the intake.
+-- into the lanes, as stream entries, in one atomic step: an element leaves its inbox only as
+-- an entry, a refusal, or a dead letter, so nothing is lost between the two. What admission
+-- does for `sluice_enqueue`, it does here again for every element, since a tenant may push
+-- to its inbox directly:
+--   * the queue bound: no more is moved while the lanes hold `max_queue_depth` jobs not yet
+--     acked (the rest waits in its inbox; `full` says so);
+--   * dedupe: an id that has a result, or was moved already, is dropped (its one result
+--     answers it); a moved id's dedupe record then holds its entry id, as sluice_submit's;
+--   * the id is scoped here (`<tenant>:<id>`) and `tenant` set here, whatever the element
+--     says, so a tenant can only ever name jobs of its own.
+-- An element with a valid id but a bad field (`input` or `params` not JSON text, too many
+-- fields) is moved with a `poison` field: the replica answers it `invalid_input`. One with no
+-- valid id, not a JSON object, or over the size limit (not decoded at all) cannot be answered:
+-- it becomes a dead letter on the tenant's own dead stream, `sluice:{M}:dead:<tenant>`, so one
+-- tenant's poison never pushes another's letters out. A call decodes at most its byte budget,
+-- so its cost is bounded whatever the tenants push.
 --
--- Returns {moved, inboxes still holding elements, inboxes refused (not a list)}. The bell
--- is cleared when every inbox is empty and rung again otherwise, so that the next BLPOP
--- wakes for what is left.
-local LANES = {high = 2, normal = 3, low = 4}
+-- Returns {moved, inboxes still holding elements, inboxes refused (not lists), dropped as
+-- answered or queued already, dead letters, full (1: the queue bound stopped the move)}.
+-- The bell is cleared when every inbox is empty, rung again while some hold what can move.
+--@include depth
+
 local per_inbox = tonumber(ARGV[1])
 local max_bytes = tonumber(ARGV[2])
 local max_fields = tonumber(ARGV[3])
+local budget = tonumber(ARGV[4])
+local dead_maxlen = ARGV[5]
+local LANES = {high = 2, normal = 3, low = 4}
+local prefix = string.sub(KEYS[1], 1, -5)  -- 'sluice:{M}:' (KEYS[1] is 'sluice:{M}:bell')
 
 -- A lane of another type would fail the XADD after the LPOP, and lose what was popped.
 for lane = 2, 4 do
@@ -26,74 +42,104 @@ for lane = 2, 4 do
   end
 end
 
--- A field's value as the lanes carry it: text. Nested JSON is re-encoded, so an element may
--- give `input` either as an object or as the JSON text a stream entry would carry.
+local max = tonumber(redis.call('HGET', KEYS[5], 'max_queue_depth') or '0')
+local ttl = tonumber(redis.call('HGET', KEYS[5], 'result_ttl_s') or '86400')
+local room = math.huge
+if max > 0 then room = max - depth(KEYS[2]) - depth(KEYS[3]) - depth(KEYS[4]) end
+
+-- A field's value as the lanes carry it: text. Objects are not re-encoded (cjson would round
+-- floats and turn [] into {}): `input` and `params` must be JSON text, as on a stream.
 local function text(value)
   local kind = type(value)
   if kind == 'string' then return value end
-  if kind == 'number' then
-    if value == math.floor(value) and math.abs(value) < 2 ^ 53 then
-      return string.format('%.0f', value)
-    end
-    return string.format('%.17g', value)
+  if kind == 'number' and value == math.floor(value) and math.abs(value) < 2 ^ 53 then
+    return string.format('%.0f', value)
   end
   if kind == 'boolean' then return tostring(value) end
-  if kind == 'table' then
-    local ok, encoded = pcall(cjson.encode, value)
-    if ok then return encoded end
-  end
-  return nil  -- JSON null, or what cannot be encoded: left out
+  return nil, kind
 end
 
-local function poison(tenant, element, why)
-  return {'tenant', tenant, 'poison', why, 'raw', string.sub(element, 1, 1024)}, KEYS[3]
+local function letter(tenant, element, why)
+  redis.call('XADD', prefix .. 'dead:' .. tenant, 'MAXLEN', '~', dead_maxlen, '*',
+             'tenant', tenant, 'reason', 'inbox element refused: ' .. why,
+             'raw', string.sub(element, 1, 1024))
+  return 'dead'
 end
 
-local function entry(tenant, element)
-  if #element > max_bytes then
-    return poison(tenant, element, 'over ' .. max_bytes .. ' bytes')
-  end
-  local ok, job = pcall(cjson.decode, element)
-  if not ok or type(job) ~= 'table' then
-    return poison(tenant, element, 'not a JSON object')
-  end
-  if type(job['id']) ~= 'string' then
-    return poison(tenant, element, 'no string `id`')
-  end
-  local fields = {'id', tenant .. ':' .. job['id'], 'tenant', tenant}
+-- The fields of a decoded element, and what is wrong with them (nil: nothing).
+local function fields_of(job, scoped, tenant)
+  local fields = {'id', scoped, 'tenant', tenant}
   for name, value in pairs(job) do
     if type(name) == 'string' and name ~= 'id' and name ~= 'tenant' and name ~= 'priority' then
       if #fields >= 2 * max_fields then
-        return poison(tenant, element, 'over ' .. max_fields .. ' fields')
+        return fields, 'over ' .. max_fields .. ' fields'
       end
-      local v = text(value)
+      local v, kind = text(value)
       if v then
         fields[#fields + 1] = name
         fields[#fields + 1] = v
+      elseif kind ~= 'userdata' then  -- JSON null: left out
+        return fields, '`' .. string.sub(name, 1, 64) .. '` must be a string (JSON text), not a ' .. kind
       end
     end
   end
-  return fields, KEYS[LANES[job['priority']] or 3]
+  return fields, nil
 end
 
-local moved, left, refused = 0, 0, 0
-for i = 5, #KEYS do
-  local tenant = ARGV[i - 1]
-  local popped = redis.pcall('LPOP', KEYS[i], per_inbox)
-  if type(popped) == 'table' and popped['err'] then
-    refused = refused + 1
-  elseif popped then
-    for _, element in ipairs(popped) do
-      local fields, lane = entry(tenant, element)
-      redis.call('XADD', lane, '*', unpack(fields))
-      moved = moved + 1
-    end
-    if redis.call('LLEN', KEYS[i]) > 0 then left = left + 1 end
+local function move(tenant, element)
+  if #element > max_bytes then return letter(tenant, element, 'over ' .. max_bytes .. ' bytes') end
+  local ok, job = pcall(cjson.decode, element)
+  if not ok or type(job) ~= 'table' then return letter(tenant, element, 'not a JSON object') end
+  local id = job['id']
+  if type(id) ~= 'string' or #tenant + 1 + #id > 128
+      or not string.match(id, '^[A-Za-z0-9._:-]+$') then
+    return letter(tenant, element, 'no valid string `id`')
   end
+  local scoped = tenant .. ':' .. id
+  local record = prefix .. 'job:' .. scoped
+  if redis.call('EXISTS', prefix .. 'result:' .. scoped) == 1 then return 'dropped' end
+  local queued = redis.call('GET', record)
+  if queued and queued ~= 'inbox' then return 'dropped' end
+  local fields, problem = fields_of(job, scoped, tenant)
+  if problem then
+    -- Answered `invalid_input`, and told where it asked to be (the replica checks the name).
+    fields = {'id', scoped, 'tenant', tenant, 'poison', problem}
+    if type(job['reply_to']) == 'string' then
+      fields[#fields + 1] = 'reply_to'
+      fields[#fields + 1] = job['reply_to']
+    end
+  end
+  local entry = redis.call('XADD', KEYS[LANES[job['priority']] or 3], '*', unpack(fields))
+  redis.call('SET', record, entry, 'EX', ttl)
+  return 'moved'
 end
-if left == 0 then
+
+local counts = {moved = 0, dropped = 0, dead = 0}
+local left, refused = 0, 0
+for i = 6, #KEYS do
+  local tenant = ARGV[i]
+  local taken = 0
+  while taken < per_inbox and room > 0 and budget > 0 do
+    local element = redis.pcall('LPOP', KEYS[i])
+    if type(element) == 'table' and element['err'] then
+      refused = refused + 1
+      break
+    end
+    if not element then break end
+    budget = budget - #element
+    local what = move(tenant, element)
+    counts[what] = counts[what] + 1
+    if what == 'moved' then room = room - 1 end
+    taken = taken + 1
+  end
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if t == 'list' and redis.call('LLEN', KEYS[i]) > 0 then left = left + 1 end
+end
+local full = 0
+if room <= 0 and left > 0 then full = 1 end
+if left == 0 or full == 1 then
   redis.call('LTRIM', KEYS[1], 1, 0)  -- empties it (the worker may not DEL)
 elseif redis.call('LLEN', KEYS[1]) == 0 then
   redis.call('RPUSH', KEYS[1], '1')
 end
-return {moved, left, refused}
+return {counts['moved'], left, refused, counts['dropped'], counts['dead'], full}

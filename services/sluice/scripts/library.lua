@@ -19,22 +19,9 @@
 --   tenant's inbox as one JSON object, and the bell is rung; a replica moves it into its
 --   lane (admit-n.lua). Every key is the tenant's own or read-only to it, and every command
 --   runs with the caller's rights, so a tenant cannot use this to touch another's keys.
---   {'queued', 'inbox'} once added.
--- Jobs that entered and are not yet acked: undelivered (the group's lag) plus pending.
-local function depth(key)
-  if redis.call('EXISTS', key) == 0 then return 0 end
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
-    local info = {}
-    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-    if info['name'] == 'workers' then
-      local lag = info['lag']
-      -- Redis cannot always tell the lag (after XDEL): then count every entry, to be safe.
-      if not lag then lag = redis.call('XLEN', key) end
-      return tonumber(lag) + tonumber(info['pending'])
-    end
-  end
-  return redis.call('XLEN', key)  -- no replica has read this lane yet
-end
+--   {'queued', 'inbox'} once added. A job larger than the intake decodes is answered here
+--   (`input_too_large`, stored as its result) and {'done'} returned.
+--@include depth
 
 -- Why a submit is refused, or nil: no such model, an answered id, a queued id, or a full
 -- queue (counted in `stats`, where it happens: an exporter sees refusals even of callers it
@@ -72,9 +59,21 @@ local function enqueue(keys, args)
   if no then return no end
   local job = {}
   for i = 1, #args, 2 do job[args[i]] = args[i + 1] end
-  redis.call('RPUSH', keys[1], cjson.encode(job))
-  if redis.call('LLEN', keys[2]) == 0 then redis.call('RPUSH', keys[2], '1') end
+  local element = cjson.encode(job)
   local ttl = tonumber(redis.call('HGET', keys[6], 'result_ttl_s') or '86400')
+  local limit = tonumber(redis.call('HGET', keys[6], 'max_element_bytes') or '0')
+  if limit > 0 and #element > limit then
+    -- The intake would not decode it, so it could not answer it: answer it here.
+    local scoped = string.match(keys[7], ':job:(.*)$')
+    local err = {code = 'input_too_large',
+                   message = 'the job is ' .. #element .. ' bytes as JSON, over ' .. limit}
+    local result = cjson.encode({id = scoped, model = string.match(keys[6], '{(.*)}'),
+                                 status = 'error', error = err})
+    redis.call('SET', keys[8], result, 'NX', 'EX', ttl)
+    return {'done'}
+  end
+  redis.call('RPUSH', keys[1], element)
+  if redis.call('LLEN', keys[2]) == 0 then redis.call('RPUSH', keys[2], '1') end
   redis.call('SET', keys[7], 'inbox', 'EX', ttl)
   return {'queued', 'inbox'}
 end
