@@ -59,12 +59,15 @@ local function enqueue(keys, args)
   if no then return no end
   local job = {}
   for i = 1, #args, 2 do job[args[i]] = args[i + 1] end
+  -- The id is the one the dedupe key names, whatever ARGV says: the two never disagree.
+  local tenant = string.match(keys[1], ':inbox:(.*)$')
+  local scoped = string.match(keys[7], ':job:(.*)$')
+  job['id'] = string.sub(scoped, #tenant + 2)
   local element = cjson.encode(job)
   local ttl = tonumber(redis.call('HGET', keys[6], 'result_ttl_s') or '86400')
   local limit = tonumber(redis.call('HGET', keys[6], 'max_element_bytes') or '0')
   if limit > 0 and #element > limit then
     -- The intake would not decode it, so it could not answer it: answer it here.
-    local scoped = string.match(keys[7], ':job:(.*)$')
     local err = {code = 'input_too_large',
                    message = 'the job is ' .. #element .. ' bytes as JSON, over ' .. limit}
     local result = cjson.encode({id = scoped, model = string.match(keys[6], '{(.*)}'),
