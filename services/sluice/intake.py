@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from dataclasses import dataclass
 
 from redis.exceptions import NoPermissionError, RedisError
@@ -39,11 +41,17 @@ log = logging.getLogger(__name__)
 PER_INBOX_COUNT = 64
 #: Fields an element may carry (an entry of the protocol has at most six).
 MAX_FIELDS = 64
-#: Bytes of elements one script call may decode, over all inboxes: what bounds its time
-#: (a few ms) whatever the tenants push.
+#: Bytes one script call may handle, over all inboxes, each element costing 1 KiB more than
+#: its size (so at most 1,024 elements): what bounds its time whatever the tenants push.
 BYTE_BUDGET = 1 << 20
 #: How long to wait before moving more while the queue is at `max_queue_depth`.
 FULL_WAIT_S = 0.05
+#: Inboxes one script call reads: its cost stays bounded however many tenants there are.
+MAX_TENANTS_PER_PASS = 128
+#: How often the tenants are read again (a new tenant's jobs move within this).
+TENANTS_REFRESH_S = 1.0
+#: The least time between two sweeps that found nothing (a tenant may ring at will).
+EMPTY_SWEEP_GAP_S = 0.05
 
 
 @dataclass(slots=True)
@@ -57,11 +65,23 @@ class IntakeStats:
 
 @dataclass(frozen=True, slots=True)
 class Moved:
-    """What one pass did."""
+    """What one pass, or one sweep of passes, did."""
 
     moved: int
     left: int  # inboxes still holding elements
     full: bool  # the queue bound stopped it
+    handled: int = 0  # elements taken out of inboxes: moved, dropped or dead-lettered
+
+    def __add__(self, other: Moved) -> Moved:
+        return Moved(
+            moved=self.moved + other.moved,
+            left=self.left + other.left,
+            full=self.full or other.full,
+            handled=self.handled + other.handled,
+        )
+
+
+NOTHING = Moved(0, 0, False)
 
 
 class Intake:
@@ -82,21 +102,41 @@ class Intake:
             limits.dead_maxlen,
         ]
         self._turn = 0  # whose inbox goes first: each tenant in turn, so none always waits
+        self._tenants: list[str] = []
+        self._tenants_read_at = -math.inf
 
     async def tenants(self) -> list[str]:
-        """The tenants, valid names only (any other would address keys outside the slot)."""
-        with cluster_hint():
-            names = await self.redis.smembers(TENANTS_KEY)
-        decoded = (n.decode() if isinstance(n, bytes) else str(n) for n in names)
-        return sorted(n for n in decoded if TENANT_RE.fullmatch(n))
+        """The tenants, valid names only (any other would address keys outside the slot);
+        read again every `TENANTS_REFRESH_S`, not on every pass."""
+        now = time.monotonic()
+        if now - self._tenants_read_at >= TENANTS_REFRESH_S:
+            with cluster_hint():
+                names = await self.redis.smembers(TENANTS_KEY)
+            decoded = (n.decode() if isinstance(n, bytes) else str(n) for n in names)
+            self._tenants = sorted(n for n in decoded if TENANT_RE.fullmatch(n))
+            self._tenants_read_at = now
+        return self._tenants
 
-    async def move(self, tenants: list[str]) -> Moved:
-        """One atomic pass over every tenant's inbox, starting with a different one each time."""
+    async def sweep(self, tenants: list[str]) -> Moved:
+        """Every tenant's inbox once, `MAX_TENANTS_PER_PASS` of them per script call (so a call's
+        cost is bounded however many tenants there are), starting with another tenant each
+        time. The first call clears the bell, so a submit that rings during the sweep wakes
+        the next one."""
         self._turn = (self._turn + 1) % max(len(tenants), 1)
         order = tenants[self._turn :] + tenants[: self._turn]
-        keys = [*self._keys, *(inbox_key(self.model, t) for t in order)]
+        done = NOTHING
+        for start in range(0, len(order), MAX_TENANTS_PER_PASS):
+            done += await self.move(order[start : start + MAX_TENANTS_PER_PASS], first=start == 0)
+            if done.full:
+                break
+        return done
+
+    async def move(self, tenants: list[str], *, first: bool = True) -> Moved:
+        """One atomic pass over these tenants' inboxes (admit-n.lua)."""
+        keys = [*self._keys, *(inbox_key(self.model, t) for t in tenants)]
+        args = [*self._args, int(first), *tenants]
         with cluster_hint():
-            reply = await self._admit(keys=keys, args=[*self._args, *order])
+            reply = await self._admit(keys=keys, args=args)
         moved, left, refused, dropped, dead, full = (int(x) for x in reply)
         if refused:
             self.stats.refused_inboxes += refused
@@ -111,7 +151,7 @@ class Intake:
         self.stats.moved += moved
         self.stats.dropped += dropped
         self.stats.dead += dead
-        return Moved(moved, left, bool(full))
+        return Moved(moved, left, bool(full), moved + dropped + dead)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Moves inboxes until `stopping` is set; waits on the bell while they are empty."""
@@ -120,11 +160,15 @@ class Intake:
         while not stopping.is_set():
             try:
                 tenants = await self.tenants()
-                moved = await self.move(tenants) if tenants else Moved(0, 0, False)
-                if moved.full:
+                swept = await self.sweep(tenants) if tenants else NOTHING
+                if swept.full:
                     # The queue is at max_queue_depth: the inboxes wait while replicas work.
                     await asyncio.sleep(FULL_WAIT_S)
-                elif not moved.left:
+                elif not swept.left:
+                    if not swept.handled:
+                        # A ring that found nothing (anyone may ring): so at most one empty
+                        # sweep per EMPTY_SWEEP_GAP_S, however often the bell rings.
+                        await asyncio.sleep(EMPTY_SWEEP_GAP_S)
                     # Woken by the next submit's ring (or after wait_s, to see new tenants).
                     with cluster_hint():
                         await self.redis.blpop([self._keys[0]], timeout=wait_s)

@@ -37,6 +37,10 @@ MODELS_KEY = "sluice:models"
 #: only they may push to (docs/security.md, "Tenants"). Written by `sluice tenants add`.
 TENANTS_KEY = "sluice:tenants"
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+#: Entry fields the intake writes (names under `sluice.` are reserved: an inbox element's
+#: own are dropped): the tenant whose inbox it came from, and why it could not run as sent.
+TENANT_FIELD = "sluice.tenant"
+POISON_FIELD = "sluice.poison"
 
 
 def jobs_key(model: str, priority: str = "normal") -> str:
@@ -230,15 +234,17 @@ def decode_job(
     if "id" in repeated:
         usable_id = None
     reply_to = fields.get("reply_to")
-    usable_reply = _usable_reply(reply_to, fields.get("tenant"))
+    tenant = fields.get(TENANT_FIELD)
+    owned = tenant is not None and _owned(tenant, usable_id)
+    # A tenant's job is pushed to its own streams only; a forged mark changes nothing there.
+    usable_reply = _usable_reply(reply_to, tenant if owned else None)
 
     def bad(err: SluiceError) -> BadEntry:
         return BadEntry(entry_id, fields, err, usable_id, usable_reply, deliveries, lane)
 
     if job_id is None:
         return bad(InvalidInput("missing field `id`"))
-    tenant = fields.get("tenant")
-    if tenant is not None and (problem := _tenant_problem(tenant, usable_id, fields)):
+    if tenant is not None and (problem := _tenant_problem(owned, fields)):
         return bad(problem)
     if repeated:
         names = sorted(repeated)[:8]
@@ -247,7 +253,7 @@ def decode_job(
         return bad(InvalidInput(f"`id` must match {JOB_ID_RE.pattern}, got {job_id[:160]!r}"))
     try:
         if reply_to is not None and usable_reply is None:
-            raise InvalidInput(_reply_rule(tenant))
+            raise InvalidInput(_reply_rule(tenant if owned else None))
         if "input" not in fields:
             raise InvalidInput("missing field `input`")
         if not_utf8:
@@ -281,15 +287,17 @@ def _usable_reply(reply_to: str | None, tenant: str | None) -> str | None:
     return reply_to
 
 
-def _tenant_problem(
-    tenant: str, job_id: str | None, fields: Mapping[str, str]
-) -> SluiceError | None:
-    """What is wrong with a tenant's entry, as the intake moved it (None: nothing)."""
-    if not (TENANT_RE.fullmatch(tenant) and job_id and job_id.startswith(f"{tenant}:")):
-        # Only the intake writes `tenant`, with the id scoped: anything else is forged.
-        return InvalidInput("`tenant` is set by the intake only, with the id scoped to it")
-    if "poison" in fields:  # the intake's mark on an element it could not take as it was
-        return InvalidInput(f"inbox element refused: {fields['poison'][:200]}")
+def _owned(tenant: str, job_id: str | None) -> bool:
+    """A tenant's entry as the intake writes it: a valid name, and the id scoped to it."""
+    return bool(TENANT_RE.fullmatch(tenant) and job_id and job_id.startswith(f"{tenant}:"))
+
+
+def _tenant_problem(owned: bool, fields: Mapping[str, str]) -> SluiceError | None:
+    """What is wrong with an entry that carries the intake's tenant mark (None: nothing)."""
+    if not owned:
+        return InvalidInput(f"`{TENANT_FIELD}` is set by the intake only, with the id scoped to it")
+    if POISON_FIELD in fields:  # the intake's mark on an element it could not take as it was
+        return InvalidInput(f"inbox element refused: {fields[POISON_FIELD][:200]}")
     return None
 
 

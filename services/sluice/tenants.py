@@ -77,19 +77,40 @@ def add(admin: redis.Redis, tenant: str, password: str | None = None) -> str:
     return password
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _queued(admin: redis.Redis, tenant: str) -> int:
-    models = sorted(str(m) for m in admin.smembers(MODELS_KEY))
+    models = sorted(_text(m) for m in admin.smembers(MODELS_KEY))
     with admin.pipeline(transaction=False) as pipe:
         for model in models:
             pipe.llen(inbox_key(model, tenant))
         return sum(int(n) for n in pipe.execute())
 
 
+def key_patterns(tenant: str) -> list[str]:
+    """Every key of a tenant, as SCAN patterns: inboxes, counters, dead streams, dedupe
+    records, results, reply streams."""
+    t = check_tenant(tenant)
+    return [
+        f"sluice:{{*}}:inbox:{t}",
+        f"sluice:{{*}}:stats:{t}",
+        f"sluice:{{*}}:dead:{t}",
+        f"sluice:{{*}}:job:{t}:*",
+        f"sluice:{{*}}:result:{t}:*",
+        f"{tenant_reply_prefix(t)}*",
+    ]
+
+
 def remove(admin: redis.Redis, tenant: str, *, force: bool = False) -> int:
-    """Deletes the tenant's user and unregisters it; returns the jobs its inboxes still held.
+    """Deletes the tenant's user, unregisters it, and deletes its keys (so a tenant added
+    later under the same name sees nothing of this one's); returns the jobs its inboxes
+    still held.
 
     Without `force`, a tenant whose inboxes still hold jobs is kept (replicas move inboxes
-    only of registered tenants: those jobs would wait forever)."""
+    only of registered tenants: those jobs would wait forever). Its jobs already in the lanes
+    still run; their results expire after `result_ttl_s`. An operator command: it SCANs."""
     queued = _queued(admin, check_tenant(tenant))
     if queued and not force:
         raise RuntimeError(
@@ -98,12 +119,21 @@ def remove(admin: redis.Redis, tenant: str, *, force: bool = False) -> int:
         )
     admin.execute_command("ACL", "DELUSER", user_name(tenant))  # type: ignore[no-untyped-call]
     admin.srem(TENANTS_KEY, tenant)
+    for pattern in key_patterns(tenant):
+        batch: list[Any] = []
+        for key in admin.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                admin.delete(*batch)
+                batch.clear()
+        if batch:
+            admin.delete(*batch)
     return queued
 
 
 def listing(admin: redis.Redis) -> list[TenantInfo]:
-    names = sorted(str(t) for t in admin.smembers(TENANTS_KEY))
-    users = {str(u) for u in admin.execute_command("ACL", "USERS")}  # type: ignore[no-untyped-call]
+    names = sorted(_text(t) for t in admin.smembers(TENANTS_KEY))
+    users = {_text(u) for u in admin.execute_command("ACL", "USERS")}  # type: ignore[no-untyped-call]
     return [
         TenantInfo(t, user_name(t), user_name(t) in users, _queued(admin, t))
         for t in names
@@ -134,7 +164,9 @@ def add_command(sub: Any) -> None:
     add_p = verb("add", "create (or reset) a tenant's Redis user; print its URL", _cmd_add)
     add_p.add_argument("tenant", type=_tenant, help="name: [a-z0-9][a-z0-9-]{0,31}")
     add_p.add_argument("--password", help="default: 32 random bytes, hex")
-    rm = verb("remove", "delete a tenant's user (refused while its inboxes hold jobs)", _cmd_rm)
+    rm = verb(
+        "remove", "delete a tenant's user and keys (refused while its inboxes hold jobs)", _cmd_rm
+    )
     rm.add_argument("tenant", type=_tenant)
     rm.add_argument("--force", action="store_true", help="even with jobs in its inboxes")
     verb("list", "the tenants, whether each has its user, jobs in its inboxes", _cmd_list)

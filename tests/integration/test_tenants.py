@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from sluice.backlog import read_backlog
 from sluice.client import AsyncClient
 from sluice.errors import Overloaded
 from sluice.exporter import read_model
+from sluice.intake import EMPTY_SWEEP_GAP_S, Intake
 from sluice.protocol import (
     GROUP,
     bell_key,
@@ -262,7 +264,7 @@ HOSTILE = [
     (orjson.dumps({"id": "wide", "input": TEXT, **{f"f{i}": "v" for i in range(200)}}), "error"),
     (b'{"id": "deep", "input": ' + b"[" * 900 + b"]" * 900 + b"}", "error"),
     # A forged tenant, an id naming another tenant: scoped to team-a whatever it says.
-    (orjson.dumps({"id": "x", "tenant": "team-b", "input": TEXT}), "ok"),
+    (orjson.dumps({"id": "x", "sluice.tenant": "team-b", "tenant": "team-b", "input": TEXT}), "ok"),
     (orjson.dumps({"id": "team-b:y", "input": TEXT}), "ok"),
     # A reply stream of team-b: refused (answered, nothing pushed there).
     (
@@ -324,7 +326,8 @@ def test_hostile_inbox_elements_are_answered_as_the_tenants_own_or_dead_lettered
     letters = r.xrange(mine)
     assert len(letters) == dead
     for _, fields in letters:
-        assert fields[b"tenant"] == b"team-a" and b"inbox element refused" in fields[b"reason"]
+        assert fields[b"sluice.tenant"] == b"team-a"
+        assert b"inbox element refused" in fields[b"reason"]
         assert len(fields.get(b"raw", b"")) <= 1024
     assert not r.llen(inbox) and not r.exists(bell_key(model_name))
     a.close()
@@ -487,15 +490,143 @@ def test_the_intake_moves_a_backlog_larger_than_one_pass(
     b.close()
 
 
-def test_a_tenant_with_queued_jobs_is_not_removed_by_accident(r, admin_url, model_name):
-    admin = redis.Redis.from_url(admin_url, decode_responses=True)
+def test_a_removed_tenant_leaves_nothing_for_the_next_one_of_its_name(r, admin_url, model_name):
+    admin = redis.Redis.from_url(admin_url)  # bytes, as a plain client gives them
     tenants.add(admin, "team-c", "pw-team-c-0123456789")
     r.sadd("sluice:models", model_name)
     r.rpush(inbox_key(model_name, "team-c"), "{}")
+    mine = [
+        result_key(model_name, "team-c:j"),
+        job_key(model_name, "team-c:j"),
+        reply_key("c1", "team-c"),
+        tenant_dead_key(model_name, "team-c"),
+        tenant_stats_key(model_name, "team-c"),
+    ]
+    r.set(mine[0], "{}")
+    r.set(mine[1], "1-0")
+    r.xadd(mine[2], {"id": "team-c:j", "result": "{}"})
+    r.xadd(mine[3], {"reason": "x"})
+    r.hincrby(mine[4], "rejected", 1)
+    others = [result_key(model_name, "team-cc:j"), result_key(model_name, "team-d:team-c:j")]
+    for key in others:
+        r.set(key, "{}")
     with pytest.raises(RuntimeError, match="1 jobs in its inboxes"):
         tenants.remove(admin, "team-c")
     assert [t.name for t in tenants.listing(admin)].count("team-c") == 1
     assert tenants.remove(admin, "team-c", force=True) == 1
-    assert "sluice-tenant-team-c" not in admin.acl_users()
+    assert b"sluice-tenant-team-c" not in admin.acl_users()
+    assert not r.exists(inbox_key(model_name, "team-c"), *mine)
+    assert r.exists(*others) == 2  # another tenant's, however its ids look
+    r.delete(*others)
     r.srem("sluice:models", model_name)
     admin.close()
+
+
+def test_a_lane_that_refuses_writes_leaves_the_inbox_whole(r, tenant_urls, model_name):
+    """An element is popped only once it is an entry: a lane whose ids are exhausted (which
+    a shared producer's XADD with a maximal id can do) fails the move, and loses nothing."""
+    r.hset(info_key(model_name), mapping={"task": "embed", "max_queue_depth": 0})
+    r.function_load(scripts.LIBRARY, replace=True)
+    lane = jobs_key(model_name)
+    r.xadd(lane, {"id": "max", "input": "{}"}, id="18446744073709551615-18446744073709551615")
+
+    async def scenario() -> None:
+        a = AsyncClient(tenant_urls["team-a"], tenant="team-a")
+        aio = connect(_url(r))
+        intake = Intake(aio, model_name, QueueSettings())
+        try:
+            await a.submit_many(model_name, ["1", "2", "3"], ids=["j1", "j2", "j3"])
+            for _ in range(3):
+                with pytest.raises(ResponseError, match="exhausted"):
+                    await intake.move(["team-a"])
+            assert r.llen(inbox_key(model_name, "team-a")) == 3
+            # The operator repairs the lane: every job moves, once.
+            r.delete(lane)
+            r.xgroup_create(lane, GROUP, id="0", mkstream=True)
+            assert (await intake.move(["team-a"])).moved == 3
+            assert r.xlen(lane) == 3 and not r.llen(inbox_key(model_name, "team-a"))
+        finally:
+            await a.close()
+            await aio.aclose()
+
+    asyncio.run(scenario())
+
+
+def _url(r: redis.Redis) -> str:
+    kwargs = r.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/0"
+
+
+def test_a_field_named_tenant_from_a_shared_producer_is_just_a_field(
+    r, worker_url, model_name, tiny_bert
+):
+    """Protocol v1 ignores unknown fields: `tenant` stays one. The intake's own mark is
+    `sluice.tenant`; forged by a shared producer, the job is refused, and told so."""
+    lane = jobs_key(model_name)
+    stream = reply_key(f"shared-{model_name}")
+    r.xadd(lane, {"id": "j1", "input": TEXT, "tenant": "acme", "reply_to": stream})
+    r.xadd(lane, {"id": "j2", "input": TEXT, "sluice.tenant": "acme", "reply_to": stream})
+
+    async def scenario() -> None:
+        worker = await start_worker(worker_url, model_name, tiny_bert)
+        aio = connect(_url(r))
+        try:
+            await all_stored(aio, model_name, ["j1", "j2"])
+            await until(lambda: _pushed(r, stream, 2), what="both pushed")
+        finally:
+            await worker.stop()
+            await aio.aclose()
+
+    asyncio.run(scenario())
+    j1, j2 = (orjson.loads(r.get(result_key(model_name, i))) for i in ("j1", "j2"))
+    assert j1["status"] == "ok"
+    assert j2["status"] == "error" and "sluice.tenant" in j2["error"]["message"]
+
+
+async def _pushed(r: redis.Redis, stream: str, n: int) -> bool:
+    return r.xlen(stream) >= n
+
+
+def test_many_tenants_move_in_one_sweep_and_rings_cost_a_bounded_number_of_passes(
+    r, admin_url, model_name
+):
+    names = [f"many-{i}" for i in range(300)]  # more than one pass's 128 inboxes
+    r.sadd("sluice:tenants", *names)
+    r.hset(info_key(model_name), mapping={"task": "embed", "max_queue_depth": 0})
+    for name in names:
+        r.rpush(inbox_key(model_name, name), orjson.dumps({"id": "j", "input": TEXT}))
+    r.rpush(bell_key(model_name), "1")
+
+    async def scenario() -> None:
+        aio = connect(admin_url)
+        intake = Intake(aio, model_name, QueueSettings(block_ms=200))
+        stop = asyncio.Event()
+        task = asyncio.create_task(intake.run(stop))
+        try:
+            await until(lambda: _lane_len(r, model_name, 300), 10, what="every inbox moved")
+            # A tenant ringing as fast as it can: the intake sweeps at most every
+            # EMPTY_SWEEP_GAP_S (3 script calls a sweep for 300 tenants).
+            before = _admit_calls(r)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.0:
+                r.rpush(bell_key(model_name), *["1"] * 50)
+                await asyncio.sleep(0.001)
+            calls = _admit_calls(r) - before
+            assert calls <= 3 * (1.0 / EMPTY_SWEEP_GAP_S + 2), calls
+        finally:
+            stop.set()
+            r.rpush(bell_key(model_name), "1")
+            await asyncio.wait_for(task, 5)
+            await aio.aclose()
+
+    asyncio.run(scenario())
+    r.srem("sluice:tenants", *names)
+
+
+async def _lane_len(r: redis.Redis, model: str, n: int) -> bool:
+    return r.xlen(jobs_key(model)) == n
+
+
+def _admit_calls(r: redis.Redis) -> int:
+    stats = r.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))

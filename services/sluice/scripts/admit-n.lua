@@ -1,7 +1,9 @@
 -- KEYS: the bell, the lanes (high, normal, low), the model's info, then one inbox per tenant.
--- ARGV: the most elements to move from one inbox, the largest element (bytes) decoded, the
---       most fields an element may carry, the bytes one call may decode in all, the dead
---       streams' MAXLEN, then the tenants in the order of their inboxes.
+-- ARGV: the most elements to move from one inbox, the largest element (bytes) decoded (when
+--       the info hash gives none), the most fields an element may carry, the bytes one call
+--       may handle in all (each element costs its size plus ELEMENT_COST), the dead streams'
+--       MAXLEN, 1 to clear the bell first (the first pass of a sweep), then the tenants in the
+--       order of their inboxes.
 --
 -- Moves the tenants' submits from their inboxes (lists that only their tenant may push to)
 -- into the lanes, as stream entries, in one atomic step: an element leaves its inbox only as
@@ -12,25 +14,32 @@
 --     acked (the rest waits in its inbox; `full` says so);
 --   * dedupe: an id that has a result, or was moved already, is dropped (its one result
 --     answers it); a moved id's dedupe record then holds its entry id, as sluice_submit's;
---   * the id is scoped here (`<tenant>:<id>`) and `tenant` set here, whatever the element
---     says, so a tenant can only ever name jobs of its own.
+--   * the id is scoped here (`<tenant>:<id>`) and `sluice.tenant` set here, whatever the
+--     element says, so a tenant can only ever name jobs of its own.
 -- An element with a valid id but a bad field (`input` or `params` not JSON text, too many
--- fields) is moved with a `poison` field: the replica answers it `invalid_input`. One with no
+-- fields) is moved with a `sluice.poison` field: the replica answers it `invalid_input`. One with no
 -- valid id, not a JSON object, or over the size limit (not decoded at all) cannot be answered:
 -- it becomes a dead letter on the tenant's own dead stream, `sluice:{M}:dead:<tenant>`, so one
--- tenant's poison never pushes another's letters out. A call decodes at most its byte budget,
--- so its cost is bounded whatever the tenants push.
+-- tenant's poison never pushes another's letters out. A call handles at most its budget (bytes,
+-- and a fixed cost per element), so its cost is bounded whatever the tenants push.
+-- An element is read (LINDEX) and popped only once it has become an entry, a drop or a dead
+-- letter: a write that fails (a lane whose ids are exhausted, say) leaves it in its inbox.
 --
 -- Returns {moved, inboxes still holding elements, inboxes refused (not lists), dropped as
 -- answered or queued already, dead letters, full (1: the queue bound stopped the move)}.
--- The bell is cleared when every inbox is empty, rung again while some hold what can move.
+-- The bell is cleared at the start of a sweep, before any inbox is read: a submit that rings
+-- it later wakes the next sweep, so no ring is ever lost to a sweep that had passed its inbox.
 --@include depth
 
+local ELEMENT_COST = 1024  -- budget bytes per element, whatever its size: bounds the count
 local per_inbox = tonumber(ARGV[1])
-local max_bytes = tonumber(ARGV[2])
+local max_bytes = tonumber(redis.call('HGET', KEYS[5], 'max_element_bytes') or ARGV[2])
 local max_fields = tonumber(ARGV[3])
 local budget = tonumber(ARGV[4])
 local dead_maxlen = ARGV[5]
+if ARGV[6] == '1' then
+  redis.call('LTRIM', KEYS[1], 1, 0)  -- empties it (the worker may not DEL)
+end
 local LANES = {high = 2, normal = 3, low = 4}
 local prefix = string.sub(KEYS[1], 1, -5)  -- 'sluice:{M}:' (KEYS[1] is 'sluice:{M}:bell')
 
@@ -61,16 +70,17 @@ end
 
 local function letter(tenant, element, why)
   redis.call('XADD', prefix .. 'dead:' .. tenant, 'MAXLEN', '~', dead_maxlen, '*',
-             'tenant', tenant, 'reason', 'inbox element refused: ' .. why,
+             'sluice.tenant', tenant, 'reason', 'inbox element refused: ' .. why,
              'raw', string.sub(element, 1, 1024))
   return 'dead'
 end
 
 -- The fields of a decoded element, and what is wrong with them (nil: nothing).
 local function fields_of(job, scoped, tenant)
-  local fields = {'id', scoped, 'tenant', tenant}
+  local fields = {'id', scoped, 'sluice.tenant', tenant}
   for name, value in pairs(job) do
-    if type(name) == 'string' and name ~= 'id' and name ~= 'tenant' and name ~= 'priority' then
+    if type(name) == 'string' and name ~= 'id' and name ~= 'priority'
+        and string.sub(name, 1, 7) ~= 'sluice.' then
       if #fields >= 2 * max_fields then
         return fields, 'over ' .. max_fields .. ' fields'
       end
@@ -103,7 +113,7 @@ local function move(tenant, element)
   local fields, problem = fields_of(job, scoped, tenant)
   if problem then
     -- Answered `invalid_input`, and told where it asked to be (the replica checks the name).
-    fields = {'id', scoped, 'tenant', tenant, 'poison', problem}
+    fields = {'id', scoped, 'sluice.tenant', tenant, 'sluice.poison', problem}
     if type(job['reply_to']) == 'string' then
       fields[#fields + 1] = 'reply_to'
       fields[#fields + 1] = job['reply_to']
@@ -117,17 +127,18 @@ end
 local counts = {moved = 0, dropped = 0, dead = 0}
 local left, refused = 0, 0
 for i = 6, #KEYS do
-  local tenant = ARGV[i]
+  local tenant = ARGV[i + 1]
   local taken = 0
   while taken < per_inbox and room > 0 and budget > 0 do
-    local element = redis.pcall('LPOP', KEYS[i])
+    local element = redis.pcall('LINDEX', KEYS[i], 0)
     if type(element) == 'table' and element['err'] then
       refused = refused + 1
       break
     end
     if not element then break end
-    budget = budget - #element
+    budget = budget - #element - ELEMENT_COST
     local what = move(tenant, element)
+    redis.call('LPOP', KEYS[i])  -- only now: it is an entry, a drop or a dead letter
     counts[what] = counts[what] + 1
     if what == 'moved' then room = room - 1 end
     taken = taken + 1
@@ -137,9 +148,4 @@ for i = 6, #KEYS do
 end
 local full = 0
 if room <= 0 and left > 0 then full = 1 end
-if left == 0 or full == 1 then
-  redis.call('LTRIM', KEYS[1], 1, 0)  -- empties it (the worker may not DEL)
-elseif redis.call('LLEN', KEYS[1]) == 0 then
-  redis.call('RPUSH', KEYS[1], '1')
-end
 return {counts['moved'], left, refused, counts['dropped'], counts['dead'], full}
