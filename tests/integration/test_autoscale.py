@@ -147,3 +147,40 @@ def test_idle_goes_to_zero_and_a_job_brings_a_replica_back(r, deploy, tiny_bert,
     assert timeline.running()[-3:] == [1, 0, 1], timeline.running()
     print(f"cold start: answered after {answered - submitted:.1f}s, "
           f"replica RUNNING after {back - submitted:.1f}s")  # fmt: skip
+
+
+def test_no_replica_is_added_where_no_node_has_the_cpus_it_reserves(
+    r, deploy, tiny_bert, model_name
+):
+    """Issue 17: on this session's 2-CPU Ray, a replica that reserves both CPUs leaves no room
+    for a second: a backlog the policy would scale for keeps one replica, the policy says
+    why, and the replica runs at nice 0 with no more torch threads than it reserved."""
+    deploy(
+        model_name,
+        tiny_bert,
+        autoscaling=autoscaling(model_name),
+        num_cpus=2.0,
+        torch_threads=4,
+        max_batch_size=4,
+    )
+    handle = serve.get_app_handle(model_name)
+    info = handle.info.remote().result()
+    assert info["torch_threads"] == 2 and info["nice"] == 0, info
+    with Timeline(model_name) as timeline:
+        timeline.wait(lambda n, _: n == 1, 30, "one replica running")
+        feeder = Feeder(
+            r, model_name, 500_000, reply_to=f"sluice:reply:{model_name}", ahead=3000, chunk=500
+        ).start()
+        try:
+            # The policy would want more (target_drain_s 1 s, thousands waiting); Serve must
+            # never even try a second replica (`all` counts starting and pending ones too).
+            time.sleep(12)
+            assert read_backlog(r_decoded(r), model_name).waiting > 500
+        finally:
+            feeder.stop()
+    assert max(total for _, _, total in timeline.points) == 1, timeline.running()
+
+
+def r_decoded(r: redis.Redis) -> redis.Redis:
+    kwargs = r.connection_pool.connection_kwargs
+    return redis.Redis(host=kwargs["host"], port=kwargs["port"], decode_responses=True)

@@ -12,6 +12,7 @@ RUNNERS = {
     "embed": "sluice.runners.embed:EmbedRunner",
     "classify": "sluice.runners.classify:ClassifyRunner",
     "generate": "sluice.runners.generate:GenerateRunner",
+    "null": "sluice.runners.null:NullRunner",
 }
 
 
