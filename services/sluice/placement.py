@@ -59,17 +59,32 @@ def fit_threads(model: ModelSettings, cpus: float | None) -> ModelSettings:
 
 
 def run_at_full_priority() -> int:
-    """Asks for nice 0 (from Ray's 15); returns the niceness the process runs at."""
-    before = os.getpriority(os.PRIO_PROCESS, 0)
+    """Asks for nice 0 (from Ray's 15) for every thread of the process; returns the niceness
+    the process then runs at (its highest thread's).
+
+    On Linux niceness belongs to each thread, and a new thread inherits its creator's: so every
+    thread that exists now is reniced (Ray's and the event loop's), and the threads created
+    later (the pipeline's pools, torch's) start at 0."""
+    tids = _threads()
+    before = max(os.getpriority(os.PRIO_PROCESS, tid) for tid in tids)
     if before <= 0:
         return before
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        for tid in tids:
+            os.setpriority(os.PRIO_PROCESS, tid, 0)
     except PermissionError:
         log.warning(
             "this replica runs at nice %d (Ray's worker niceness) and may not lower it: start "
             "Ray with RAY_worker_niceness=0 (sluice up does), or give it CAP_SYS_NICE",
             before,
         )
-        return before
-    return os.getpriority(os.PRIO_PROCESS, 0)
+    except ProcessLookupError:  # a thread that ended meanwhile
+        pass
+    return max(os.getpriority(os.PRIO_PROCESS, tid) for tid in _threads())
+
+
+def _threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the process as a whole
+        return [0]

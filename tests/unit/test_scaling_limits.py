@@ -4,6 +4,7 @@ replica's own fit to what Ray reserved (threads, priority). No Ray, no Redis."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -110,11 +111,24 @@ def test_a_cpu_replica_runs_no_more_threads_than_ray_reserved(
     assert fit_threads(settings(torch_threads=threads, device=device), cpus).torch_threads == fitted
 
 
-def test_a_replica_asks_for_full_priority() -> None:
+def test_a_replica_asks_for_full_priority_for_all_its_threads() -> None:
     pid = os.fork()
     if pid == 0:  # a child at Ray's worker niceness, as `serve run` starts a replica
         os.nice(15)
-        os._exit(0 if run_at_full_priority() == (0 if os.geteuid() == 0 else 15) else 1)
+        ready, go = threading.Event(), threading.Event()
+        older = threading.Thread(target=lambda: (ready.set(), go.wait()))  # a Ray thread, say
+        older.start()
+        ready.wait()
+        expected = 0 if os.geteuid() == 0 else 15
+        ok = run_at_full_priority() == expected
+        newer = []
+        younger = threading.Thread(target=lambda: newer.append(os.getpriority(os.PRIO_PROCESS, 0)))
+        younger.start()
+        younger.join()
+        nices = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")]
+        go.set()
+        older.join()
+        os._exit(0 if ok and set(nices) == {expected} and newer == [expected] else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 

@@ -1,0 +1,196 @@
+"""Drain the way users start Sluice: the backlog queued first, then the documented start command.
+
+    .venv/bin/python -m loadtest.userpath [--start serve-run|sluice-up] [--n 3000] [--repeats 5]
+
+`loadtest.drain` measures its own stack, warm. This one does what a new user does. Per repeat:
+a fresh redis-server on a free port; N MiniLM jobs XADDed raw (no replica exists yet, so no
+group either: the replica creates it at id 0 and serves the backlog); then the documented
+command, as a subprocess, with `SLUICE_REDIS_URL` pointing at that Redis:
+
+* `serve-run`: `serve run deployments/local.yaml` (README, the YAML's header), so Ray starts
+  as `serve run` starts it: workers at nice 15, the autoscaling policy of the YAML in charge;
+* `sluice-up`: `sluice up --config deployments/local.yaml`.
+
+(`RAY_ADDRESS=local`, so that the command starts a Ray of its own, as on a user's machine.)
+The drain is timed from the first job pulled (the group's `entries-read` leaves 0: start-up
+and the model load are the cold start, loadtest.scaling's measure) to the last one acked, and
+divided into N. Then SIGINT stops the command, as a user's Ctrl-C does, and the bare model
+(the same `EmbedRunner`, same settings, this process) runs the same sentences, so each repeat
+has its own ratio. The replica's niceness and torch threads, read from its process, go in the
+report. Medians over repeats; the ratio is the median of the per-repeat ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+from tqdm import tqdm
+
+from loadtest.corpus import sentences
+from loadtest.drain import bare_drain
+from loadtest.report import machine_info, offline_env, print_medians, report_file, save_repeats
+from sluice.protocol import GROUP, encode_job_fields, jobs_key
+from sluice.runners import build_runner
+from sluice.settings import ModelSettings
+from sluice.stack import RedisServer
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+Json = dict[str, Any]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.userpath",
+        description="Queues N jobs, starts Sluice with a documented command, times the drain, "
+        "stops it with SIGINT, runs the bare model alike; per repeat. Prints a Markdown table, "
+        "writes a JSON report. Method: see the module docstring.",
+    )
+    add = p.add_argument
+    add("--start", choices=("serve-run", "sluice-up"), default="serve-run", help="(serve-run)")
+    add("--n", type=int, default=3000, help="jobs queued before the start (3000)")
+    add("--repeats", type=int, default=5, help="(5)")
+    add("--config", type=Path, default=ROOT / "deployments/local.yaml", help="Serve config")
+    add("--start-timeout-s", type=float, default=180.0, help="to the first job pulled (180)")
+    add("--out", type=Path, help="JSON report (default loadtest/reports/userpath-<time>.json)")
+    ns = p.parse_args(argv)
+    if min(ns.n, ns.repeats) < 1:
+        p.error("counts must be at least 1")
+    return ns
+
+
+def command(ns: argparse.Namespace, url: str) -> list[str]:
+    if ns.start == "serve-run":
+        return [str(VENV_BIN / "serve"), "run", str(ns.config)]
+    return [str(VENV_BIN / "sluice"), "up", "--config", str(ns.config), "--redis-url", url]
+
+
+def progress(r: redis.Redis, lanes: list[str]) -> tuple[int, int]:
+    """(entries delivered, entries pending) over the lanes; (0, 0) before the group exists."""
+    read = pending = 0
+    for key in lanes:
+        try:
+            groups = r.xinfo_groups(key)
+        except redis.ResponseError:
+            continue
+        for g in groups:
+            if g["name"] == GROUP:
+                read += int(g.get("entries-read") or 0)
+                pending += int(g["pending"])
+    return read, pending
+
+
+def replica_facts(model: str) -> Json:
+    """The replica process's niceness and threads, from /proc (its title names the model)."""
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{model}"], capture_output=True, text=True)
+    for pid in out.stdout.split():
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return {"pid": int(pid), "nice": int(stat[16]), "os_threads": int(stat[17])}
+    return {}
+
+
+def one_repeat(ns: argparse.Namespace, app: Json, texts: list[str], k: int) -> Json:
+    model = app["args"]["model"]["name"]
+    server = RedisServer().start()
+    log_path = report_file("userpath", None).with_suffix(f".{k}.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        lane = jobs_key(model)
+        with r.pipeline(transaction=False) as pipe:
+            for i, text in enumerate(texts):
+                pipe.xadd(lane, dict[Any, Any](encode_job_fields(f"u{k}-{i}", {"text": text})))
+            pipe.execute()
+        env = {**os.environ, "SLUICE_REDIS_URL": server.url}
+        env.pop("RAY_worker_niceness", None)  # as a user's shell has it
+        # A Ray of its own, as on a user's machine: never one another process runs here.
+        env["RAY_ADDRESS"] = "local"
+        started = time.monotonic()
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                command(ns, server.url), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            lanes = [lane, jobs_key(model, "high"), jobs_key(model, "low")]
+            first = last = None
+            facts: Json = {}
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{ns.start} exited ({proc.returncode}): see {log_path}")
+                now = time.monotonic()
+                read, pending = progress(r, lanes)
+                if first is None and read > 0:
+                    first = now
+                    facts = replica_facts(model)
+                if read >= ns.n and pending == 0:
+                    last = now
+                    break
+                if first is None and now - started > ns.start_timeout_s:
+                    raise TimeoutError(f"no job pulled {ns.start_timeout_s}s after the start")
+                time.sleep(0.01)
+        finally:
+            proc.send_signal(signal.SIGINT)  # a user's Ctrl-C
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        r.close()
+    finally:
+        server.cleanup()
+    assert first is not None and last is not None
+    return {
+        "start_to_first_pull_s": first - started,
+        "drain_s": last - first,
+        "per_s": ns.n / (last - first),
+        "replica": facts,
+        "loadavg": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse(argv)
+    offline_env()
+    out = report_file("userpath", ns.out)
+    config = yaml.safe_load(ns.config.read_text())
+    app = config["applications"][0]
+    settings = ModelSettings(**app["args"]["model"])
+    texts = sentences(ns.n)
+    started = time.time()
+    runs = []
+    bar = tqdm(total=ns.repeats, desc=f"{ns.start}", unit="repeat")
+    for k in range(ns.repeats):
+        run = one_repeat(ns, app, texts, k)
+        runner = build_runner(settings)
+        runner.load()
+        run["bare"] = bare_drain(runner, texts, settings.max_batch_size, tqdm(disable=True))
+        run["ratio"] = run["per_s"] / run["bare"]["per_s"]
+        runs.append(run)
+        bar.set_postfix(ratio=f"{run['ratio']:.3f}")
+        bar.update()
+    bar.close()
+    rows = [
+        ("Sluice drain, jobs/s", [x["per_s"] for x in runs]),
+        ("bare model, sentences/s", [x["bare"]["per_s"] for x in runs]),
+        ("**Sluice ÷ bare**", [x["ratio"] for x in runs]),
+        ("start → first job pulled, s", [x["start_to_first_pull_s"] for x in runs]),
+    ]
+    save_repeats(out, ns, started, rows, runs, machine=machine_info(), serve_config=config)
+    nice = {x["replica"].get("nice") for x in runs}
+    print(f"\n{ns.start}, {ns.n} jobs queued first, {ns.repeats} repeats; replica nice {nice}\n")
+    print_medians(rows)
+    print(f"\nreport: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
