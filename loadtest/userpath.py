@@ -14,7 +14,8 @@ command, as a subprocess, with `SLUICE_REDIS_URL` pointing at that Redis:
 (`RAY_ADDRESS=local`, so that the command starts a Ray of its own, as on a user's machine.)
 The drain is timed from the first job pulled (the group's `entries-read` leaves 0: start-up
 and the model load are the cold start, loadtest.scaling's measure) to the last one acked, and
-divided into N. Then SIGINT stops the command, as a user's Ctrl-C does, and the bare model
+divided into N. Then SIGINT to its process group stops the command, as a user's Ctrl-C does
+(and the next repeat waits until every process it started is gone), and the bare model
 (the same `EmbedRunner`, same settings, this process) runs the same sentences, so each repeat
 has its own ratio. The replica's niceness and torch threads, read from its process, go in the
 report. Medians over repeats; the ratio is the median of the per-repeat ratios.
@@ -61,6 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--repeats", type=int, default=5, help="(5)")
     add("--config", type=Path, default=ROOT / "deployments/local.yaml", help="Serve config")
     add("--start-timeout-s", type=float, default=180.0, help="to the first job pulled (180)")
+    add("--drain-timeout-s", type=float, default=600.0, help="first pull to done (600)")
     add("--out", type=Path, help="JSON report (default loadtest/reports/userpath-<time>.json)")
     ns = p.parse_args(argv)
     if min(ns.n, ns.repeats) < 1:
@@ -89,19 +91,41 @@ def progress(r: redis.Redis, lanes: list[str]) -> tuple[int, int]:
     return read, pending
 
 
-def replica_facts(model: str) -> Json:
-    """The replica process's niceness and threads, from /proc (its title names the model)."""
-    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{model}"], capture_output=True, text=True)
-    for pid in out.stdout.split():
+def replica_facts(r: redis.Redis, lane: str) -> Json:
+    """The replica process's niceness and OS threads, from /proc: its pid is in its consumer
+    name (`<host>-<pid>-<tag>`), so no other Ray on the machine can be mistaken for it."""
+    for consumer in r.xinfo_consumers(lane, GROUP):
+        pid = int(str(consumer["name"]).rsplit("-", 2)[1])
         stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return {"pid": int(pid), "nice": int(stat[16]), "os_threads": int(stat[17])}
+        return {"pid": pid, "nice": int(stat[16]), "os_threads": int(stat[17])}
     return {}
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """SIGINT to the command's whole process group (a user's Ctrl-C reaches the group), then
+    waits for every process of the group to be gone, so no repeat overlaps the next one."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def one_repeat(ns: argparse.Namespace, app: Json, texts: list[str], k: int) -> Json:
     model = app["args"]["model"]["name"]
     server = RedisServer().start()
-    log_path = report_file("userpath", None).with_suffix(f".{k}.log")
+    log_path = ns.out.with_suffix(f".{k}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         r = redis.Redis.from_url(server.url, decode_responses=True)
@@ -117,7 +141,12 @@ def one_repeat(ns: argparse.Namespace, app: Json, texts: list[str], k: int) -> J
         started = time.monotonic()
         with log_path.open("w") as log:
             proc = subprocess.Popen(
-                command(ns, server.url), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                command(ns, server.url),
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: a Ctrl-C reaches all it starts
             )
         try:
             lanes = [lane, jobs_key(model, "high"), jobs_key(model, "low")]
@@ -130,20 +159,17 @@ def one_repeat(ns: argparse.Namespace, app: Json, texts: list[str], k: int) -> J
                 read, pending = progress(r, lanes)
                 if first is None and read > 0:
                     first = now
-                    facts = replica_facts(model)
+                    facts = replica_facts(r, lane)
                 if read >= ns.n and pending == 0:
                     last = now
                     break
                 if first is None and now - started > ns.start_timeout_s:
                     raise TimeoutError(f"no job pulled {ns.start_timeout_s}s after the start")
+                if first is not None and now - first > ns.drain_timeout_s:
+                    raise TimeoutError(f"the drain took over {ns.drain_timeout_s}s: {log_path}")
                 time.sleep(0.01)
         finally:
-            proc.send_signal(signal.SIGINT)  # a user's Ctrl-C
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
         r.close()
     finally:
         server.cleanup()
@@ -160,7 +186,7 @@ def one_repeat(ns: argparse.Namespace, app: Json, texts: list[str], k: int) -> J
 def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
     offline_env()
-    out = report_file("userpath", ns.out)
+    out = ns.out = report_file("userpath", ns.out)
     config = yaml.safe_load(ns.config.read_text())
     app = config["applications"][0]
     settings = ModelSettings(**app["args"]["model"])

@@ -137,7 +137,10 @@ class BacklogPolicy:
         hysteresis: float = 0.25,
         default_rate: float = 50.0,
         poll_interval_s: float = 0.5,
+        limit_to_free_resources: bool = True,
     ) -> None:
+        """`limit_to_free_resources`: ask only for replicas a node has the free CPUs/GPUs for
+        (false on a cluster whose Ray autoscaler adds nodes for pending replicas)."""
         self.model = model
         self.redis_url = redis_url
         self.redis_cluster = redis_cluster
@@ -146,7 +149,9 @@ class BacklogPolicy:
         self._rate = default_rate  # jobs/s per replica: the policy's current estimate
         self._measured = False  # whether _rate was measured on saturated replicas
         self._feed: BacklogFeed | None = None
+        self.limit_to_free_resources = limit_to_free_resources
         self._headroom = Headroom()
+        self._size: dict[str, float] | None = None  # what one replica reserves, once reported
         self._gain: GainCheck | None = None
         self._limited_by: str | None = "unset"  # so the first tick records the metric
         self._gauge: Any = None
@@ -178,41 +183,59 @@ class BacklogPolicy:
         return desired, state
 
     def _limit(self, ctx: Any, snap: Snapshot, wish: int) -> int:
-        """The wish, held to what the cluster can place and to replicas that paid off."""
+        """The wish, held to what the cluster can place and to replicas that paid off.
+        Only increases are held: scaling down is never limited."""
         metrics = ctx.aggregated_metrics or {}
-        current = ctx.current_num_replicas
+        current = ctx.current_num_replicas  # running ones
+        # Replicas asked for and still starting hold their resources already.
+        placed = max(current, ctx.target_num_replicas)
         look_back_s = float(ctx.config.look_back_period_s)
         if self._gain is None:
-            # Judged once the new replica has reported for a whole look-back window.
+            # A new replica is judged once it has reported for two look-back windows.
             self._gain = GainCheck(settle_s=2 * look_back_s + 5)
-        total = sum(v for v in (metrics.get("throughput") or {}).values() if v > 0)
-        saturated = snap.backlogged_s >= look_back_s and snap.backlog.waiting > 0
-        self._gain.observe(len(ctx.running_replicas), wish, total, saturated)
         desired, limited_by = wish, None
         cap = self._gain.limit()
         if cap is not None and desired > cap:
             # Down to the count before the replica that added nothing: it is not kept.
             desired, limited_by = cap, "no_gain"
-        need = {"CPU": _median(metrics.get("cpus")), "GPU": _median(metrics.get("gpus"))}
-        room = self._headroom.room({r: n for r, n in need.items() if n is not None})
-        if room is not None and desired > current + room:
-            desired, limited_by = current + room, "no_free_resources"
+        size = self._replica_size(metrics)  # learnt on every tick, for the ticks at zero
+        if self.limit_to_free_resources and desired > placed:
+            if size is None and current == 0:
+                # Nothing reported what a replica reserves yet: one, and learn it from that one.
+                desired, limited_by = max(placed, 1), "no_free_resources"
+            elif size is not None:
+                room = self._headroom.room(size)
+                if room is not None and desired > placed + room:
+                    # Never below one: at zero, a job waits for a replica however full the
+                    # nodes are (pending, it shows in `serve status` what is missing).
+                    desired, limited_by = max(placed + room, 1), "no_free_resources"
+        reports = metrics.get("throughput") or {}
+        total = sum(v for v in reports.values() if v > 0)
+        saturated = snap.backlogged_s >= look_back_s and snap.backlog.waiting > 0
+        self._gain.observe(current, desired, total, saturated, reporting=len(reports))
         if limited_by != self._limited_by:
             if limited_by == "no_free_resources":
-                reserved = {r: n for r, n in need.items() if n}
                 log.warning(
                     "%s: holding at %d replicas, not %d: no node has the free resources "
                     "another replica reserves (%s)",
                     self.model,
                     desired,
                     wish,
-                    reserved,
+                    self._size,
                 )
             elif limited_by is None and self._limited_by != "unset":
                 log.info("%s: the replica count is no longer held", self.model)
             self._limited_by = limited_by
             self._report_limit(limited_by)
         return desired
+
+    def _replica_size(self, metrics: Mapping[str, Any]) -> dict[str, float] | None:
+        """What one replica reserves ({"CPU": 2.0, ...}), as the replicas report it; the last
+        report is remembered, for when none runs. None until one has reported."""
+        size = {"CPU": _median(metrics.get("cpus")), "GPU": _median(metrics.get("gpus"))}
+        if any(v is not None for v in size.values()):
+            self._size = {r: v for r, v in size.items() if v is not None}
+        return self._size
 
     def _report_limit(self, limited_by: str | None) -> None:
         """`sluice_autoscale_limited{model, reason}`: 1 while the policy holds the count."""

@@ -65,22 +65,32 @@ def run_at_full_priority() -> int:
     On Linux niceness belongs to each thread, and a new thread inherits its creator's: so every
     thread that exists now is reniced (Ray's and the event loop's), and the threads created
     later (the pipeline's pools, torch's) start at 0."""
-    tids = _threads()
-    before = max(os.getpriority(os.PRIO_PROCESS, tid) for tid in tids)
+    before = _highest_nice()
     if before <= 0:
         return before
-    try:
-        for tid in tids:
+    for tid in _threads():
+        try:
             os.setpriority(os.PRIO_PROCESS, tid, 0)
-    except PermissionError:
-        log.warning(
-            "this replica runs at nice %d (Ray's worker niceness) and may not lower it: start "
-            "Ray with RAY_worker_niceness=0 (sluice up does), or give it CAP_SYS_NICE",
-            before,
-        )
-    except ProcessLookupError:  # a thread that ended meanwhile
-        pass
-    return max(os.getpriority(os.PRIO_PROCESS, tid) for tid in _threads())
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+        except PermissionError:
+            log.warning(
+                "this replica runs at nice %d (Ray's worker niceness) and may not lower it: "
+                "start Ray with RAY_worker_niceness=0 (sluice up does), or give it CAP_SYS_NICE",
+                before,
+            )
+            break
+    return _highest_nice()
+
+
+def _highest_nice() -> int:
+    nices = []
+    for tid in _threads():
+        try:
+            nices.append(os.getpriority(os.PRIO_PROCESS, tid))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+    return max(nices, default=os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def _threads() -> list[int]:

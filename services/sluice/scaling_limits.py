@@ -34,7 +34,8 @@ def ray_free_resources() -> Mapping[str, Mapping[str, float]]:
     try:
         per_node: Mapping[str, Mapping[str, float]] = state.available_resources_per_node()  # type: ignore[no-untyped-call]
         return per_node
-    except Exception:  # the per-node view is internal to Ray: the cluster's total instead
+    except Exception:  # the per-node view is internal to Ray: the cluster's total instead,
+        # which may overstate the room (a replica needs it all on one node), never understate
         return {"cluster": ray.available_resources()}  # type: ignore[no-untyped-call]
 
 
@@ -67,14 +68,15 @@ class Headroom:
 class _Trial:
     replicas: int  # the count before the added replica
     before: float  # the model's total throughput then, jobs/s
-    started: float  # monotonic
+    started: float  # monotonic: when the policy asked for it
+    joined: float | None = None  # monotonic: when it was first running and reporting
 
 
 class GainCheck:
     """Holds the count below a replica that added no throughput."""
 
     def __init__(self, settle_s: float, hold_s: float = 600.0, min_share: float = 0.5) -> None:
-        self.settle_s = settle_s
+        self.settle_s = settle_s  # how long a joined replica reports before it is judged
         self.hold_s = hold_s
         self.min_share = min_share
         self._trial: _Trial | None = None
@@ -91,31 +93,42 @@ class GainCheck:
         return self.cap
 
     def observe(
-        self, running: int, desired: int, total: float, saturated: bool, now: float | None = None
+        self,
+        running: int,
+        desired: int,
+        total: float,
+        saturated: bool,
+        now: float | None = None,
+        reporting: int | None = None,
     ) -> None:
-        """Called every tick: `total` is the replicas' summed throughput, `saturated` whether
-        jobs waited through the whole look-back window (so the total is what they can do)."""
+        """Called every tick with the policy's final answer `desired`: `total` is the running
+        replicas' summed throughput, `reporting` how many of them reported it (default:
+        `running`), `saturated` whether jobs waited through the whole look-back window (so
+        the total is what they can do). The new replica is judged `settle_s` after it first
+        runs and reports, never on the time it took to start."""
         now = time.monotonic() if now is None else now
+        reporting = running if reporting is None else reporting
         trial = self._trial
         if trial is None:
             if saturated and desired > running >= 1 and total > 0 and self.cap is None:
                 self._trial = _Trial(running, total, now)
             return
-        if running < trial.replicas + 1:
-            if now - trial.started > 4 * self.settle_s:
-                self._trial = None  # the replica never came: nothing to judge
+        if trial.joined is None:
+            if running >= trial.replicas + 1 and reporting >= trial.replicas + 1:
+                trial.joined = now
+            elif now - trial.started > 10 * self.settle_s or desired <= trial.replicas:
+                self._trial = None  # it never came, or is no longer wanted: nothing to judge
             return
-        if not saturated:
-            self._trial = None  # the queue emptied: the replicas could not show their rate
+        if not saturated or running < trial.replicas + 1:
+            self._trial = None  # the queue emptied, or a replica went: no fair measure
             return
-        if now - trial.started < self.settle_s:
+        if now - trial.joined < self.settle_s:
             return
         self._trial = None
         share = trial.before / trial.replicas
-        if total - trial.before >= self.min_share * share:
-            self.last_verdict = (
-                f"replica {trial.replicas + 1} added {total - trial.before:.1f} jobs/s"
-            )
+        gain = total - trial.before
+        if gain >= self.min_share * share:
+            self.last_verdict = f"replica {trial.replicas + 1} added {gain:.1f} jobs/s"
             return
         self.cap = trial.replicas
         self._cap_until = now + self.hold_s

@@ -49,31 +49,69 @@ def test_a_replica_that_added_no_throughput_is_not_kept() -> None:
     check = GainCheck(settle_s=10.0, hold_s=100.0)
     # One saturated replica at 100 jobs/s; the policy wants two.
     check.observe(running=1, desired=2, total=100.0, saturated=True, now=0.0)
-    check.observe(running=1, desired=2, total=100.0, saturated=True, now=3.0)  # starting
-    check.observe(running=2, desired=2, total=104.0, saturated=True, now=5.0)  # too soon
-    assert check.limit(now=5.0) is None
-    check.observe(running=2, desired=2, total=104.0, saturated=True, now=12.0)
-    assert check.limit(now=12.0) == 1
+    # It takes 30 s to start (a long model load): that is not held against it.
+    check.observe(running=1, desired=2, total=100.0, saturated=True, now=30.0)
+    check.observe(running=2, desired=2, total=100.0, saturated=True, now=31.0, reporting=1)
+    check.observe(running=2, desired=2, total=104.0, saturated=True, now=32.0)  # joined
+    check.observe(running=2, desired=2, total=104.0, saturated=True, now=40.0)  # too soon
+    assert check.limit(now=40.0) is None
+    check.observe(running=2, desired=2, total=104.0, saturated=True, now=43.0)
+    assert check.limit(now=43.0) == 1
     assert check.last_verdict is not None and "added no throughput" in check.last_verdict
     # While held, no new trial; after the hold, adding may be tried again.
-    check.observe(running=1, desired=2, total=100.0, saturated=True, now=50.0)
-    assert check.limit(now=50.0) == 1
-    assert check.limit(now=113.0) is None
+    check.observe(running=1, desired=2, total=100.0, saturated=True, now=80.0)
+    assert check.limit(now=80.0) == 1
+    assert check.limit(now=144.0) is None
 
 
 def test_a_replica_that_added_throughput_is_kept() -> None:
     check = GainCheck(settle_s=10.0)
     check.observe(running=2, desired=3, total=200.0, saturated=True, now=0.0)
-    check.observe(running=3, desired=3, total=290.0, saturated=True, now=11.0)
-    assert check.limit(now=11.0) is None
+    check.observe(running=3, desired=3, total=250.0, saturated=True, now=5.0)
+    check.observe(running=3, desired=3, total=290.0, saturated=True, now=16.0)
+    assert check.limit(now=16.0) is None
     assert check.last_verdict == "replica 3 added 90.0 jobs/s"
 
 
-def test_no_verdict_when_the_queue_empties_before_the_new_replica_could_show_its_rate() -> None:
+def test_no_verdict_when_the_queue_empties_or_the_replica_never_comes() -> None:
     check = GainCheck(settle_s=10.0)
     check.observe(running=1, desired=2, total=100.0, saturated=True, now=0.0)
-    check.observe(running=2, desired=2, total=60.0, saturated=False, now=11.0)
-    assert check.limit(now=11.0) is None and check.last_verdict is None
+    check.observe(running=2, desired=2, total=60.0, saturated=True, now=1.0)
+    check.observe(running=2, desired=2, total=60.0, saturated=False, now=12.0)
+    assert check.limit(now=12.0) is None and check.last_verdict is None
+    check.observe(running=1, desired=2, total=100.0, saturated=True, now=20.0)
+    check.observe(running=1, desired=1, total=100.0, saturated=True, now=21.0)  # not wanted
+    assert check._trial is None
+    check.observe(running=1, desired=2, total=100.0, saturated=True, now=22.0)  # a new trial
+    assert check.limit(now=22.0) is None and check._trial is not None
+
+
+def test_at_zero_replicas_one_is_asked_for_until_one_reports_its_size() -> None:
+    policy = BacklogPolicy(model="m", default_rate=10.0)
+    policy._headroom = Headroom(lambda: {"node": {"CPU": 0.0}}, refresh_s=0.0)
+    snap = Snapshot(backlog(waiting=4000), arrival_rate=0.0, backlogged_s=0.0)
+    assert policy._limit(context({}, replicas=0), snap, wish=8) == 1
+    # Once a replica reported 2 CPUs, the size is remembered at zero replicas too.
+    policy._limit(context({"cpus": {"a": 2.0}}, replicas=1), snap, wish=1)
+    assert policy._limit(context({}, replicas=0), snap, wish=8) == 1  # never below one
+    policy._headroom = Headroom(lambda: {"node": {"CPU": 4.0}}, refresh_s=0.0)
+    assert policy._limit(context({}, replicas=0), snap, wish=8) == 2
+
+
+def test_a_starting_replica_is_not_cancelled_for_want_of_room() -> None:
+    policy = BacklogPolicy(model="m", default_rate=10.0)
+    policy._headroom = Headroom(lambda: {"node": {"CPU": 0.0}}, refresh_s=0.0)
+    snap = Snapshot(backlog(waiting=4000), arrival_rate=0.0, backlogged_s=0.0)
+    ctx = context({"cpus": {"a": 2.0}}, replicas=1)
+    ctx.target_num_replicas = 2  # one running, one starting (its CPUs already taken)
+    assert policy._limit(ctx, snap, wish=4) == 2
+
+
+def test_the_limit_can_be_turned_off_for_clusters_that_add_nodes() -> None:
+    policy = BacklogPolicy(model="m", default_rate=10.0, limit_to_free_resources=False)
+    policy._headroom = Headroom(lambda: {"node": {"CPU": 0.0}}, refresh_s=0.0)
+    snap = Snapshot(backlog(waiting=4000), arrival_rate=0.0, backlogged_s=0.0)
+    assert policy._limit(context({"cpus": {"a": 2.0}}, replicas=1), snap, wish=4) == 4
 
 
 def test_the_policy_drops_the_replica_that_added_nothing() -> None:
@@ -82,11 +120,11 @@ def test_the_policy_drops_the_replica_that_added_nothing() -> None:
     policy._gain = GainCheck(settle_s=0.0, hold_s=600.0)
     snap = Snapshot(backlog(waiting=4000), arrival_rate=0.0, backlogged_s=60.0)
     one = context({"throughput": {"a": 50.0}, "cpus": {"a": 1.0}}, replicas=1)
-    one.running_replicas = ["a"]
-    assert policy._limit(one, snap, wish=3) == 3
+    assert policy._limit(one, snap, wish=2) == 2
     two = context({"throughput": {"a": 26.0, "b": 25.0}, "cpus": {"a": 1.0, "b": 1.0}}, replicas=2)
-    two.running_replicas = ["a", "b"]
-    assert policy._limit(two, snap, wish=3) == 1
+    assert policy._limit(two, snap, wish=2) == 2  # it joined: judged from now on
+    assert policy._limit(two, snap, wish=2) == 2  # judged: no gain, held from the next tick
+    assert policy._limit(two, snap, wish=2) == 1
     assert policy._limited_by == "no_gain"
 
 
