@@ -12,8 +12,10 @@
 -- to its inbox directly:
 --   * the queue bound: no more is moved while the lanes hold `max_queue_depth` jobs not yet
 --     acked (the rest waits in its inbox; `full` says so);
---   * dedupe: an id that has a result, or was moved already, is dropped (its one result
---     answers it); a moved id's dedupe record then holds its entry id, as sluice_submit's;
+--   * dedupe: an id moved already and not yet answered is dropped (the one queued entry
+--     answers it); a moved id's dedupe record then holds its entry id, as sluice_submit's. An
+--     id answered already (cancelled first, say) is moved all the same, so that the replica
+--     pushes that answer to the element's reply_to without running it;
 --   * the id is scoped here (`<tenant>:<id>`) and `sluice.tenant` set here, whatever the
 --     element says, so a tenant can only ever name jobs of its own.
 -- An element with a valid id but a bad field (`input` or `params` not JSON text, too many
@@ -107,9 +109,12 @@ local function move(tenant, element)
   end
   local scoped = tenant .. ':' .. id
   local record = prefix .. 'job:' .. scoped
-  if redis.call('EXISTS', prefix .. 'result:' .. scoped) == 1 then return 'dropped' end
+  -- Answered already (a cancel that came first, a resubmit): moved all the same, so that the
+  -- replica pushes that answer to the element's reply_to (at once, never run). Queued already
+  -- and not answered: dropped, since the one queued entry answers the id.
+  local answered = redis.call('EXISTS', prefix .. 'result:' .. scoped) == 1
   local queued = redis.call('GET', record)
-  if queued and queued ~= 'inbox' then return 'dropped' end
+  if not answered and queued and queued ~= 'inbox' then return 'dropped' end
   local fields, problem = fields_of(job, scoped, tenant)
   if problem then
     -- Answered `invalid_input`, and told where it asked to be (the replica checks the name).
@@ -120,7 +125,7 @@ local function move(tenant, element)
     end
   end
   local entry = redis.call('XADD', KEYS[LANES[job['priority']] or 3], '*', unpack(fields))
-  redis.call('SET', record, entry, 'EX', ttl)
+  if not answered then redis.call('SET', record, entry, 'EX', ttl) end
   return 'moved'
 end
 
