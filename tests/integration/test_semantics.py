@@ -121,8 +121,10 @@ def test_a_high_job_overtakes_a_deep_normal_backlog(
             before = runner.calls
             runner.gate.set()
             await until(lambda: _async(runner.calls > before + 3), what="the drain to start")
-            at_submit = runner.calls
             high = await client.submit(model_name, f"{MARK} urgent", priority="high")
+            # Counted once the submit returned, so the job is in its lane: batches started
+            # during the submit's own round trip (a loaded box) do not count against it.
+            at_submit = runner.calls
             (res,) = await client.wait([high], timeout=30)
             assert res.ok
             # Answered within two batches: one batch was running when the high job came; the
