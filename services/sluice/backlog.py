@@ -22,10 +22,10 @@ from redis.cluster import RedisCluster
 from sluice.protocol import (
     GROUP,
     PRIORITIES,
-    TENANT_RE,
     TENANTS_KEY,
     inbox_key,
     lane_keys,
+    tenant_names,
 )
 
 #: Replies per lane that `queue_backlog_reads` queues: XINFO GROUPS, XPENDING, XLEN.
@@ -123,7 +123,7 @@ def read_backlog(
 def read_inboxes(client: redis.Redis | RedisCluster, model: str) -> int:
     """Jobs in the tenants' inboxes of one model: SMEMBERS, then one LLEN each, pipelined."""
     names: Any = client.smembers(TENANTS_KEY)
-    tenants = [t for t in (str(n) for n in names) if TENANT_RE.fullmatch(t)]
+    tenants = tenant_names(names)
     if not tenants:
         return 0
     with client.pipeline(transaction=False) as pipe:

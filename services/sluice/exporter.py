@@ -58,12 +58,12 @@ from sluice.protocol import (
     GROUP,
     MODELS_KEY,
     PRIORITIES,
-    TENANT_RE,
     TENANTS_KEY,
     dead_key,
     info_key,
     jobs_key,
     stats_key,
+    tenant_names,
     tenant_stats_key,
 )
 from sluice.settings import MODEL_NAME_RE, Settings
@@ -123,7 +123,7 @@ def _tenant_rejections(client: SyncRedis, model: str) -> int:
     """The tenants' refused submits: each tenant counts its own (`sluice:{M}:stats:<t>`), as
     it may not write the model's shared counters."""
     names: Any = client.smembers(TENANTS_KEY)
-    tenants = [t for t in names if TENANT_RE.fullmatch(t)]
+    tenants = tenant_names(names)
     if not tenants:
         return 0
     with client.pipeline(transaction=False) as pipe:

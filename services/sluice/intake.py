@@ -24,13 +24,13 @@ from redis.exceptions import NoPermissionError, RedisError
 from sluice import scripts
 from sluice.connection import AsyncRedis, cluster_hint
 from sluice.protocol import (
-    TENANT_RE,
     TENANTS_KEY,
     bell_key,
     inbox_key,
     info_key,
     lane_keys,
     max_element_bytes,
+    tenant_names,
 )
 from sluice.queue import Backoff
 from sluice.settings import QueueSettings
@@ -112,8 +112,7 @@ class Intake:
         if now - self._tenants_read_at >= TENANTS_REFRESH_S:
             with cluster_hint():
                 names = await self.redis.smembers(TENANTS_KEY)
-            decoded = (n.decode() if isinstance(n, bytes) else str(n) for n in names)
-            self._tenants = sorted(n for n in decoded if TENANT_RE.fullmatch(n))
+            self._tenants = tenant_names(names)
             self._tenants_read_at = now
         return self._tenants
 

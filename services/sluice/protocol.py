@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,13 @@ def check_tenant(tenant: str) -> str:
     if not TENANT_RE.fullmatch(tenant):
         raise ValueError(f"tenant name must match {TENANT_RE.pattern}, got {tenant!r}")
     return tenant
+
+
+def tenant_names(members: Iterable[Any]) -> list[str]:
+    """The tenants of `SMEMBERS sluice:tenants` (bytes or str), valid names only, sorted: any
+    other name would address keys outside its model's slot."""
+    decoded = (m.decode() if isinstance(m, bytes) else str(m) for m in members)
+    return sorted(n for n in decoded if TENANT_RE.fullmatch(n))
 
 
 def inbox_key(model: str, tenant: str) -> str:

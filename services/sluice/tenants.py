@@ -20,10 +20,10 @@ import redis
 
 from sluice.protocol import (
     MODELS_KEY,
-    TENANT_RE,
     TENANTS_KEY,
     check_tenant,
     inbox_key,
+    tenant_names,
     tenant_reply_prefix,
 )
 from sluice.settings import Settings
@@ -132,13 +132,9 @@ def remove(admin: redis.Redis, tenant: str, *, force: bool = False) -> int:
 
 
 def listing(admin: redis.Redis) -> list[TenantInfo]:
-    names = sorted(_text(t) for t in admin.smembers(TENANTS_KEY))
+    names = tenant_names(admin.smembers(TENANTS_KEY))
     users = {_text(u) for u in admin.execute_command("ACL", "USERS")}  # type: ignore[no-untyped-call]
-    return [
-        TenantInfo(t, user_name(t), user_name(t) in users, _queued(admin, t))
-        for t in names
-        if TENANT_RE.fullmatch(t)
-    ]
+    return [TenantInfo(t, user_name(t), user_name(t) in users, _queued(admin, t)) for t in names]
 
 
 # -- `sluice tenants` ---------------------------------------------------------------------------
