@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import shlex
 import statistics as st
@@ -50,7 +49,15 @@ from loadtest.report import machine_info, print_medians, report_file
 from sluice import admission
 from sluice.errors import JobCancelled
 from sluice.intake import Intake
-from sluice.protocol import TENANTS_KEY, Result, error_result, jobs_key, reply_key, result_key
+from sluice.protocol import (
+    TENANTS_KEY,
+    Result,
+    encode_embedding,
+    error_result,
+    jobs_key,
+    reply_key,
+    result_key,
+)
 from sluice.queue import Outcome, StreamQueue, connect
 from sluice.settings import QueueSettings
 from sluice.stack import RedisServer
@@ -89,10 +96,9 @@ async def cpu_s(redis: Any) -> float:
 
 
 def output(ns: argparse.Namespace, rng: np.random.Generator) -> Any:
+    """A result's output as the embedding runner gives it (float32 floats, or base64)."""
     vector = rng.standard_normal(ns.dim).astype(np.float32)
-    if ns.encoding == "base64":
-        return base64.b64encode(vector.tobytes()).decode()
-    return [float(x) for x in vector]
+    return encode_embedding(vector, "base64" if ns.encoding == "base64" else "float")
 
 
 async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:

@@ -30,6 +30,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--n", type=int, default=3000, help="jobs queued before the start (3000)")
     add("--repeats", type=int, default=5, help="(5)")
     add("--config", type=Path, default=ROOT / "deployments/local.yaml", help="Serve config")
+    add(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        help="run the config's first model in this dtype (a copy of the config is started, "
+        "the bare model alike); default: as the config says",
+    )
     add("--start-timeout-s", type=float, default=180.0, help="to the first job pulled (180)")
     add("--drain-timeout-s", type=float, default=600.0, help="first pull to done (600)")
     add("--out", type=Path, help="JSON report (default loadtest/reports/userpath-<time>.json)")
@@ -197,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     out = ns.out = report_file("userpath", ns.out)
     config = yaml.safe_load(ns.config.read_text())
     app = config["applications"][0]
+    if ns.dtype:
+        # The documented command, on a copy of the config that differs in the dtype alone.
+        app["args"]["model"]["dtype"] = ns.dtype
+        copy = Path(tempfile.mkdtemp(prefix="sluice-userpath-")) / ns.config.name
+        copy.write_text(yaml.safe_dump(config, sort_keys=False))
+        ns.config = copy
     settings = ModelSettings(**app["args"]["model"])
     texts = sentences(ns.n)
     started = time.time()

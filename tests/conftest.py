@@ -154,15 +154,22 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(worker_url: str, scaler_url: str) -> Iterator[Any]:
-    """One local Ray for the whole session: a head node with 2 logical CPUs, to which a test
-    may add a second node (`ray_cluster.add_node`) and remove it again."""
+    """One local Ray for the whole session: a head node with 2 logical CPUs and one logical
+    GPU (a resource Ray only counts: replicas that reserve a share of it run on the CPU, which
+    is how tests/integration/test_autoscale.py proves that GPU shares limit placement), to
+    which a test may add a second node (`ray_cluster.add_node`) and remove it again."""
     import ray
     from ray.cluster_utils import Cluster
 
     os.environ["SLUICE_REDIS_URL"] = worker_url
     os.environ["SLUICE_SCALER_REDIS_URL"] = scaler_url  # the Serve controller's, for the policy
     # Ray's metrics (replicas' included) on a port of our own: tests/integration/test_metrics.py.
-    head = {"num_cpus": 2, "include_dashboard": False, "metrics_export_port": free_port()}
+    head = {
+        "num_cpus": 2,
+        "num_gpus": 1,
+        "include_dashboard": False,
+        "metrics_export_port": free_port(),
+    }
     cluster = Cluster(initialize_head=True, head_node_args=head)
     ray.init(
         address=cluster.address, namespace="serve", log_to_driver=False, configure_logging=False
@@ -210,6 +217,7 @@ def deploy(ray_serve: None, worker_url: str) -> Iterator[Deploy]:
         *,
         num_replicas: int = 1,
         num_cpus: float = 0.5,
+        num_gpus: float = 0.0,
         queue: dict[str, Any] | None = None,
         url: str | None = None,
         autoscaling: dict[str, Any] | None = None,
@@ -227,9 +235,8 @@ def deploy(ray_serve: None, worker_url: str) -> Iterator[Deploy]:
         sizing: dict[str, Any] = (
             {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}
         )
-        app = Replica.options(
-            **sizing, ray_actor_options={"num_cpus": num_cpus}, **(options or {})
-        ).bind(config)
+        actor = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {})}
+        app = Replica.options(**sizing, ray_actor_options=actor, **(options or {})).bind(config)
         if name not in names:
             names.append(name)
         return serve.run(app, name=name, route_prefix=None)

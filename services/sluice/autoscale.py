@@ -205,6 +205,12 @@ class BacklogPolicy:
                 desired, limited_by = max(placed, 1), "no_free_resources"
             elif size is not None:
                 room = self._headroom.room(size)
+                if room is not None:
+                    # Ray's view of free resources lags the replicas just asked for: count
+                    # those still starting as taking room, or the next tick asks again for
+                    # the room they are about to take (a replica then waits, pending, for a
+                    # GPU share or CPUs that will never come).
+                    room = max(0, room - (placed - current))
                 if room is not None and desired > placed + room:
                     # Never below one: at zero, a job waits for a replica however full the
                     # nodes are (pending, it shows in `serve status` what is missing).

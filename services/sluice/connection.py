@@ -7,32 +7,30 @@ commands or non-transactional pipelines, which a cluster client splits by node. 
 needs beyond that is here:
 
 - redis-py refuses `Script` objects in a cluster pipeline (it cannot load a script on the
-  nodes first, as its plain pipeline does): `run_scripts` sends EVALSHA itself and reruns the
-  calls a node answered NOSCRIPT once the script is loaded on every primary.
+  nodes first, as its plain pipeline does): `wire.run_scripts` sends EVALSHA itself and
+  reruns the calls a node answered NOSCRIPT once the script is loaded on every primary.
 - A cluster that cannot be reached at all is an outage, a `redis.ConnectionError` that callers
   retry, like one server that is down; a URL that names no cluster (or a cluster reached in
   single-server mode) is a `RedisModeError`, which nobody retries.
 
-Elsewhere: `queue.StreamQueue.finish` writes with plain pipelines (no MULTI, which redis-py runs
-slowly on a cluster), and `admission.load_library` loads the function library on every primary.
+Elsewhere: the replica's batch writes go through `wire.send_many` (one write, one read pass;
+a non-transactional pipeline on a cluster, never MULTI, which redis-py runs slowly there), and
+`admission.load_library` loads the function library on every primary.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Literal, TypeAlias, overload
 
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster as SyncRedisCluster
-from redis.commands.core import AsyncScript
 from redis.exceptions import (
     MovedError,
     NoPermissionError,
-    NoScriptError,
     RedisClusterException,
     ResponseError,
 )
@@ -134,41 +132,3 @@ def cluster_hint() -> Iterator[None]:
             f"this Redis is a Redis Cluster node ({exc}): set SLUICE_REDIS_CLUSTER=true "
             "(Settings.redis_cluster; the SDK's cluster=True) to use the whole cluster"
         ) from exc
-
-
-@dataclass(frozen=True, slots=True)
-class ScriptCall:
-    """One call of a registered script, for `run_scripts`."""
-
-    script: AsyncScript
-    keys: Sequence[str]
-    args: Sequence[Any]
-
-
-async def run_scripts(client: AsyncRedis, calls: Sequence[ScriptCall]) -> list[Any]:
-    """Runs script calls in one non-transactional pipeline; each call's reply, or its error."""
-    if not isinstance(client, AsyncRedisCluster):
-        async with client.pipeline(transaction=False) as pipe:
-            for call in calls:
-                await call.script(keys=call.keys, args=call.args, client=pipe)
-            return list(await pipe.execute(raise_on_error=False))
-    replies = await _evalsha(client, calls)
-    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-    if missing:
-        # SCRIPT LOAD goes to every primary. A node's calls fail together (each node runs
-        # its part of the pipeline in order), so the reruns keep their relative order.
-        for script in {calls[i].script.script for i in missing}:
-            await client.script_load(script)
-        again = await _evalsha(client, [calls[i] for i in missing])
-        for i, reply in zip(missing, again, strict=True):
-            replies[i] = reply
-    return replies
-
-
-async def _evalsha(client: AsyncRedisCluster, calls: Sequence[ScriptCall]) -> list[Any]:
-    async with client.pipeline(transaction=False) as pipe:
-        for call in calls:
-            # A raw command: redis-py blocks `pipe.evalsha` in a cluster (see run_scripts).
-            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys,
-                                 *call.args)  # fmt: skip
-        return list(await pipe.execute(raise_on_error=False))

@@ -19,7 +19,7 @@ from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from sluice import scripts
 from sluice.admission import load_library
-from sluice.connection import AsyncRedis, ScriptCall, cluster_hint, run_scripts
+from sluice.connection import AsyncRedis, cluster_hint
 from sluice.connection import connect as connect
 from sluice.protocol import (
     GROUP,
@@ -35,6 +35,7 @@ from sluice.protocol import (
     result_key,
 )
 from sluice.settings import QueueSettings
+from sluice.wire import ScriptCall, pack_set_nx_get, run_scripts, send_many
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,12 @@ class Entry:
 
 def entry_of(entry_id: Any, flat: Sequence[Any] | None, lane: int, deliveries: int = 1) -> Entry:
     """An `Entry` from a raw reply row: its fields as the flat [name, value, ...] list."""
-    fields: RawFields = {}
-    repeated: set[str] = set()
     items = list(flat or [])
+    fields: RawFields = dict(zip(items[0::2], items[1::2], strict=False))
+    if 2 * len(fields) >= len(items):  # no name given twice: the common case, in C
+        return Entry(_id(entry_id), fields, deliveries, lane)
+    fields = {}
+    repeated: set[str] = set()
     for name, value in zip(items[0::2], items[1::2], strict=False):
         if name in fields:
             repeated.add(_id(name))
@@ -240,7 +244,11 @@ class StreamQueue:
         """Up to `count` new entries, the most urgent lane first; blocks up to `block_ms`
         when every lane is empty. Each one is held (leased) until acked or handed back."""
         try:
-            reply: Any = await self._pull(keys=self.lanes, args=[GROUP, self.consumer, count])
+            (reply,) = await run_scripts(
+                self.redis, [ScriptCall(self._pull, self.lanes, [GROUP, self.consumer, count])]
+            )
+            if isinstance(reply, Exception):
+                raise reply
             entries = [
                 entry_of(eid, flat, int(lane))
                 for lane, rows in reply
@@ -401,7 +409,11 @@ class StreamQueue:
         """The stored result of each id, if it has one already (cancelled, or a reused id)."""
         if not job_ids:
             return []
-        values: Any = await self.redis.mget([result_key(self.model, i) for i in job_ids])
+        (values,) = await send_many(
+            self.redis, [("MGET", *[result_key(self.model, i) for i in job_ids])]
+        )
+        if isinstance(values, Exception):
+            raise values
         return list(values)
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
@@ -421,14 +433,20 @@ class StreamQueue:
         if not outcomes:
             return []
         ttl = self.settings.result_ttl_s
-        # Plain SETs in a pipeline, not a script: a result passes through no Lua VM (a
-        # script's arguments are copied in and out of it, which doubled Redis' CPU per job
-        # for MiniLM-sized results), and each SET is atomic on its own. A key of another type
-        # fails its own SET only (WRONGTYPE), not the batch.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for o in outcomes:
-                pipe.set(result_key(self.model, o.job_id), o.result_json, nx=True, ex=ttl, get=True)
-            reply: list[Any] = await pipe.execute(raise_on_error=False)
+        # Plain SETs, not a script: a result passes through no Lua VM (a script's arguments
+        # are copied in and out of it, which doubled Redis' CPU per job for MiniLM-sized
+        # results), and each SET is atomic on its own. A key of another type fails its own
+        # SET only (WRONGTYPE), not the batch.
+        keys = [result_key(self.model, o.job_id) for o in outcomes]
+        values = [o.result_json for o in outcomes]
+        reply = await send_many(
+            self.redis,
+            [
+                ("SET", key, value, "NX", "GET", "EX", ttl)
+                for key, value in zip(keys, values, strict=True)
+            ],
+            packed=pack_set_nx_get(keys, values, ttl),
+        )
         for before in reply:
             if isinstance(before, Exception) and "WRONGTYPE" not in str(before):
                 raise before  # OOM, LOADING...: retried whole, nothing acked
@@ -477,10 +495,13 @@ class StreamQueue:
         for entry in entries:
             by_lane.setdefault(entry.lane, []).append(entry.entry_id)
         if by_lane:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for lane, ids in by_lane.items():
-                    pipe.xack(self.lanes[lane], GROUP, *ids)
-                await pipe.execute()
+            replies = await send_many(
+                self.redis,
+                [("XACK", self.lanes[lane], GROUP, *ids) for lane, ids in by_lane.items()],
+            )
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         self.release(entries)
 
     async def push_tokens(self, deltas: Sequence[tuple[str, str, int, str, int]]) -> int:

@@ -149,6 +149,12 @@ def test_idle_goes_to_zero_and_a_job_brings_a_replica_back(r, deploy, tiny_bert,
           f"replica RUNNING after {back - submitted:.1f}s")  # fmt: skip
 
 
+def endless_backlog(r: redis.Redis, model: str) -> Feeder:
+    """Keeps ~3,000 jobs waiting, more than any replica here drains: the policy wants more."""
+    reply_to = f"sluice:reply:{model}"
+    return Feeder(r, model, 500_000, reply_to=reply_to, ahead=3000, chunk=500).start()
+
+
 def test_no_replica_is_added_where_no_node_has_the_cpus_it_reserves(
     r, deploy, tiny_bert, model_name
 ):
@@ -168,9 +174,7 @@ def test_no_replica_is_added_where_no_node_has_the_cpus_it_reserves(
     assert info["torch_threads"] == 2 and info["nice"] == 0, info
     with Timeline(model_name) as timeline:
         timeline.wait(lambda n, _: n == 1, 30, "one replica running")
-        feeder = Feeder(
-            r, model_name, 500_000, reply_to=f"sluice:reply:{model_name}", ahead=3000, chunk=500
-        ).start()
+        feeder = endless_backlog(r, model_name)
         try:
             # The policy would want more (target_drain_s 1 s, thousands waiting); Serve must
             # never even try a second replica (`all` counts starting and pending ones too).
@@ -179,6 +183,33 @@ def test_no_replica_is_added_where_no_node_has_the_cpus_it_reserves(
         finally:
             feeder.stop()
     assert max(total for _, _, total in timeline.points) == 1, timeline.running()
+
+
+def test_replicas_share_a_gpu_only_as_far_as_its_shares_go(r, deploy, tiny_bert, model_name):
+    """Issue 17, several replicas per GPU (`num_gpus` below 1, as deployments/gpu.yaml ships):
+    the session's Ray has one (logical) GPU and CPUs for four replicas of half a CPU; replicas
+    that reserve half the GPU each scale to exactly two under a backlog the policy would
+    scale to four for, and both serve."""
+    deploy(
+        model_name,
+        tiny_bert,
+        autoscaling=autoscaling(model_name, max_replicas=4),
+        num_cpus=0.5,
+        num_gpus=0.5,
+        max_batch_size=4,
+    )
+    with Timeline(model_name) as timeline:
+        timeline.wait(lambda n, _: n == 1, 30, "one replica running")
+        feeder = endless_backlog(r, model_name)
+        try:
+            timeline.wait(lambda n, _: n == 2, 60, "a second replica on the other half")
+            time.sleep(8)  # the policy keeps wishing for more; Ray has no GPU share left
+            assert read_backlog(r_decoded(r), model_name).waiting > 500
+        finally:
+            feeder.stop()
+    assert max(total for _, _, total in timeline.points) == 2, timeline.running()
+    consumers = r.xinfo_consumers(f"sluice:{{{model_name}}}:jobs", "workers")
+    assert len([c for c in consumers if c["pending"] or c["idle"] < 30_000]) == 2
 
 
 def r_decoded(r: redis.Redis) -> redis.Redis:

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
+from redis.exceptions import ResponseError
 
 from sluice import cli
 from sluice.client import AsyncClient
@@ -39,6 +40,7 @@ from sluice.queue import Outcome, StreamQueue
 from sluice.runners.embed import EmbedRunner
 from sluice.settings import ModelSettings, QueueSettings
 from sluice.stack import LocalRedisCluster, free_port
+from sluice.wire import send_many
 from sluice.worker import Worker
 from tests.acl_docs import PLACEHOLDERS, PRODUCER, WORKER, doc_acl_lines
 
@@ -321,3 +323,32 @@ def test_a_wrong_redis_cluster_setting_fails_clearly(cluster, redis_url, monkeyp
     monkeypatch.delenv("SLUICE_REDIS_CLUSTER", raising=False)
     assert cli.main(["dlq", "list", elsewhere, "--redis-url", cluster.url]) == 1
     assert "SLUICE_REDIS_CLUSTER=true" in capsys.readouterr().err
+
+
+def test_send_many_answers_as_redis_does_on_a_cluster(cluster):
+    """The cluster way of `wire.send_many` (a pipeline split by node) must give the replies
+    Redis sent, as on one server: `SET … NX GET` its previous value (redis-py's own SET parser
+    would have made it a bool), error replies as objects, order kept across nodes."""
+
+    async def scenario() -> None:
+        r = connect(cluster.url, cluster=True)
+        try:
+            keys = [f"{{wire-{i}}}:k" for i in range(6)]  # spread over the masters
+            await r.lpush("{wire-0}:list", "x")
+            first = await send_many(r, [("SET", k, b"v1", "NX", "GET", "EX", 60) for k in keys])
+            second = await send_many(
+                r,
+                [
+                    *[("SET", k, b"v2", "NX", "GET", "EX", 60) for k in keys],
+                    ("GET", "{wire-0}:list"),
+                    ("MGET", keys[1], "{wire-1}:none"),
+                ],
+            )
+            assert first == [None] * len(keys)
+            assert second[: len(keys)] == [b"v1"] * len(keys)
+            assert isinstance(second[-2], ResponseError) and "WRONGTYPE" in str(second[-2])
+            assert second[-1] == [b"v1", None]
+        finally:
+            await r.aclose()
+
+    asyncio.run(scenario())

@@ -166,14 +166,18 @@ def test_the_policy_constructs_from_its_kwargs(name: str) -> None:
         BacklogPolicy(**deployment["autoscaling_config"]["policy"]["policy_kwargs"])
 
 
-def test_gpu_yaml_asks_for_one_gpu_and_runs_bf16() -> None:
+def test_gpu_yaml_shares_each_gpu_among_replicas_and_runs_bf16() -> None:
     (app,) = CONFIGS["gpu.yaml"]["applications"]
     (deployment,) = app["deployments"]
     model = ReplicaConfig.from_args(app["args"]).model
 
     assert model.device.startswith("cuda")
     assert model.dtype == "bf16"
-    assert deployment["ray_actor_options"]["num_gpus"] == 1
+    # Issue 17: one replica's per-job work bounds a small model on a GPU, so several replicas
+    # share one GPU; as many as the shares of one GPU, so that one machine places them all.
+    share = deployment["ray_actor_options"]["num_gpus"]
+    assert 0 < share < 1
+    assert deployment["autoscaling_config"]["max_replicas"] * share == 1
     local_model = CONFIGS["local.yaml"]["applications"][0]["args"]["model"]
     assert model.max_batch_size > local_model["max_batch_size"], "GPU batches are larger"
 
@@ -281,6 +285,9 @@ def test_rayservice_has_a_gpu_worker_group_for_every_replica() -> None:
     # Serve asking for more replicas than the group can ever hold would leave them pending.
     per_pod = gpus_per_pod // deployment["ray_actor_options"]["num_gpus"]
     assert deployment["autoscaling_config"]["max_replicas"] == group["maxReplicas"] * per_pod
+    # ... and a Pod has the CPUs for all the replicas that share its GPU.
+    pod_cpus = float(container["resources"]["requests"]["cpu"])
+    assert pod_cpus >= per_pod * deployment["ray_actor_options"]["num_cpus"]
     # With no proxy, KubeRay's default worker probe (which asks the proxy) never passes.
     probe = container["readinessProbe"]["exec"]["command"]
     assert not any(":8000" in part for part in probe)
