@@ -46,6 +46,9 @@ from sluice.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: How long after asking for replicas Ray's free resources may not show them placed yet.
+VIEW_LAG_S = 5.0
+
 #: A snapshot older than this many poll intervals is not trusted: hold the replica count.
 STALE_POLLS = 10
 
@@ -154,6 +157,7 @@ class BacklogPolicy:
         self._size: dict[str, float] | None = None  # what one replica reserves, once reported
         self._gain: GainCheck | None = None
         self._limited_by: str | None = "unset"  # so the first tick records the metric
+        self._raised_at = -math.inf  # monotonic: when this policy last asked for more
         self._gauge: Any = None
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
@@ -205,16 +209,19 @@ class BacklogPolicy:
                 desired, limited_by = max(placed, 1), "no_free_resources"
             elif size is not None:
                 room = self._headroom.room(size)
-                if room is not None:
-                    # Ray's view of free resources lags the replicas just asked for: count
-                    # those still starting as taking room, or the next tick asks again for
-                    # the room they are about to take (a replica then waits, pending, for a
-                    # GPU share or CPUs that will never come).
+                if room is not None and time.monotonic() - self._raised_at < VIEW_LAG_S:
+                    # Ray's view of free resources lags the replicas just asked for (they
+                    # are not placed yet): count those still starting as taking room, or the
+                    # next tick asks again for the room they are about to take, and a replica
+                    # waits, pending, for a GPU share that never comes. Later, Ray's view
+                    # has them, and subtracting them again would hold the count too low.
                     room = max(0, room - (placed - current))
                 if room is not None and desired > placed + room:
                     # Never below one: at zero, a job waits for a replica however full the
                     # nodes are (pending, it shows in `serve status` what is missing).
                     desired, limited_by = max(placed + room, 1), "no_free_resources"
+        if desired > placed:
+            self._raised_at = time.monotonic()
         reports = metrics.get("throughput") or {}
         total = sum(v for v in reports.values() if v > 0)
         saturated = snap.backlogged_s >= look_back_s and snap.backlog.waiting > 0

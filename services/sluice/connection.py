@@ -97,9 +97,26 @@ def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> AsyncRedis:
     `cluster`: `url` names any node of a Redis Cluster, and the client finds the others.
     """
     options = {**_OPTIONS, **kwargs}
+    client: AsyncRedis
     if cluster:
-        return _Cluster.from_url(url, **options)
-    return aioredis.Redis.from_url(url, **options)
+        client = _Cluster.from_url(url, **options)
+    else:
+        client = aioredis.Redis.from_url(url, **options)
+    _check_bytes_replies(client)
+    return client
+
+
+def _check_bytes_replies(client: AsyncRedis) -> None:
+    """Options in a URL's query win over `connect`'s own: `?decode_responses=true` would make
+    replies str where every caller (the replica's writer above all) reads bytes."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = pool.connection_kwargs if pool else getattr(client, "connection_kwargs", {})
+    # A cluster client keeps the URL's text ("true"); one server's, a bool.
+    if str(kwargs.get("decode_responses", "")).lower() in ("1", "true", "yes", "on"):
+        raise ValueError(
+            "the Redis URL sets decode_responses: Sluice decodes replies itself and needs them "
+            "as bytes; remove it from the URL"
+        )
 
 
 @overload

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
 import hiredis
+import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
@@ -95,7 +96,10 @@ async def send_many(
     """Each command's reply, or its error reply as an exception object, in order.
 
     `packed`: the commands already packed (`pack_set_nx_get`), for one server; a cluster
-    client sends `commands`."""
+    client sends `commands`. They must be the same commands: one reply is read for each of
+    `commands`, and a connection left with replies unread is never reused (it is dropped on
+    any error). A lost connection raises `redis.ConnectionError`, a reply that does not come
+    within the socket timeout `redis.TimeoutError`."""
     if not commands:
         return []
     if isinstance(client, AsyncRedisCluster):
@@ -109,9 +113,14 @@ async def send_many(
         parser: Any = conn._parser
         async with asyncio.timeout(conn.socket_timeout):
             return [await parser.read_response() for _ in commands]
-    except BaseException:
+    except BaseException as exc:
         # Replies may still be on the socket: the next borrower must not read them.
         await conn.disconnect(nowait=True)
+        # As redis-py raises them, so that callers catch one family (RedisError).
+        if isinstance(exc, TimeoutError):
+            raise redis.TimeoutError(f"no reply from Redis within {conn.socket_timeout}s") from exc
+        if isinstance(exc, OSError):
+            raise redis.ConnectionError(f"lost the connection to Redis: {exc!r}") from exc
         raise
     finally:
         await pool.release(conn)

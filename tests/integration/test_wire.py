@@ -6,6 +6,8 @@ scripts that Redis forgot."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from typing import Any
 
 import pytest
@@ -125,3 +127,33 @@ def test_scripts_forgotten_by_redis_are_loaded_and_rerun_in_order(
     replies = asyncio.run(go())
     assert replies == [1, 2, b"middle", 3, 4, 5]
     assert r.lrange(f"{model_name}:order", 0, -1) == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_a_reset_connection_is_a_redis_connection_error(redis_url: str, model_name: str) -> None:
+    """A peer that resets the connection (RST, not FIN) reaches callers as redis-py's
+    `ConnectionError`, the one family every loop of the replica retries."""
+
+    async def go() -> None:
+        server = await asyncio.start_server(reset_at_once, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = connect(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=2)
+        try:
+            with pytest.raises(redis.ConnectionError):
+                await send_many(client, [("PING",)])
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(go())
+
+
+def test_a_url_asking_for_str_replies_is_refused(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="decode_responses"):
+        connect(f"{redis_url}?decode_responses=true")
+
+
+async def reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(1)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()

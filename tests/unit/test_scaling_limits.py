@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
-from sluice.autoscale import BacklogPolicy, Snapshot
+from sluice.autoscale import VIEW_LAG_S, BacklogPolicy, Snapshot
 from sluice.placement import fit_threads, run_at_full_priority
 from sluice.scaling_limits import GainCheck, Headroom
 from sluice.settings import ModelSettings
@@ -117,8 +118,13 @@ def test_a_starting_replica_counts_as_taking_room_that_rays_view_still_shows_fre
     snap = Snapshot(backlog(waiting=4000), arrival_rate=0.0, backlogged_s=0.0)
     ctx = context({"cpus": {"a": 0.5}, "gpus": {"a": 0.5}}, replicas=1)
     ctx.target_num_replicas = 2
+    policy._raised_at = time.monotonic()  # it asked for the second replica just now
     assert policy._limit(ctx, snap, wish=4) == 2
     assert policy._limited_by == "no_free_resources"
+    # Seconds later Ray's view has placed it: a share still free there is really free (the
+    # starting replica is not subtracted twice while it loads its model).
+    policy._raised_at = time.monotonic() - VIEW_LAG_S
+    assert policy._limit(ctx, snap, wish=4) == 3
     # Once it runs (and Ray shows the GPU full), still two.
     policy._headroom = Headroom(lambda: {"node": {"CPU": 7.5, "GPU": 0.0}}, refresh_s=0.0)
     ctx = context({"cpus": {"a": 0.5, "b": 0.5}, "gpus": {"a": 0.5, "b": 0.5}}, replicas=2)
