@@ -49,11 +49,14 @@ chaos: install
 	HF_HUB_OFFLINE=1 $(PY) -m tests.chaos --minutes $(MINUTES) --seed $(SEED)
 
 # The drain against the bare model: the benchmark's own warm stack, then the way users start
-# it (the backlog queued first, `serve run deployments/local.yaml`, then `sluice up`).
+# it (the backlog queued first, `serve run deployments/local.yaml`, then `sluice up`), then
+# the replica pipeline's own per-job cost (no model, no Ray; one and two replicas).
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest.drain --repeats 5
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest.userpath --start serve-run --repeats 5
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest.userpath --start sluice-up --repeats 5
+	HF_HUB_OFFLINE=1 $(PY) -m loadtest.pipeline --repeats 5
+	HF_HUB_OFFLINE=1 $(PY) -m loadtest.pipeline --repeats 3 --replicas 2
 
 # Open loop, rate doubling to saturation then two bisections: Sluice, the bare model and the
 # Ray Serve async-inference peer.

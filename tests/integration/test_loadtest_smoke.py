@@ -73,3 +73,17 @@ def test_rediscost_measures_every_phase(tmp_path):
     # 384 float32 as base64 (2,048 characters) plus the id, status and timings.
     assert 2048 < summary["result_bytes"]["median"] < 2600
     assert summary["jobs_per_s_per_core"]["median"] > 0
+
+
+def test_pipeline_benchmark_drains_through_two_replica_processes(tmp_path):
+    """`loadtest.pipeline`: every job answered `ok` by replica processes sharing one queue,
+    each process's CPU and Redis' counted, and Redis' CPU split by command."""
+    from loadtest.pipeline import main as pipeline
+
+    out = tmp_path / "pipeline.json"
+    argv = ["--n", "3000", "--repeats", "1", "--replicas", "2", "--batch-size", "32"]
+    assert pipeline([*argv, "--out", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["ok"] == 3000
+    assert run["jobs_per_s"] > 0 and run["replica_cpu_us_per_job"] > 0
+    assert {"evalsha", "set", "xack"} <= set(run["redis_us_per_job_by_command"])
