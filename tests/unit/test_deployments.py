@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ROOT / "deployments"
 RAYSERVICE = DEPLOYMENTS / "k8s" / "rayservice.yaml"
 K8S_APP = "k8s/rayservice.yaml#serveConfigV2"
-SHIPPED = {"local.yaml", "gpu.yaml", "multi.yaml", "compose.yaml", "compose-gpu.yaml"}
+SHIPPED = {"local.yaml", "gpu.yaml", "multi.yaml", "compose.yaml", "compose-gpu.yaml", "chat.yaml"}
 #: Each compose config, and the application of which its model application is a copy.
 COMPOSE_COPIES = {"compose.yaml": "local.yaml", "compose-gpu.yaml": "gpu.yaml"}
 
@@ -182,7 +182,7 @@ def test_gpu_yaml_shares_each_gpu_among_replicas_and_runs_bf16() -> None:
     assert model.max_batch_size > local_model["max_batch_size"], "GPU batches are larger"
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "multi.yaml", "compose.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "multi.yaml", "compose.yaml", "chat.yaml"])
 def test_the_cpu_configs_ask_for_no_gpu(name: str) -> None:
     # A GPU asked for on a CPU-only box leaves the replica pending for ever.
     for app, deployment in deployments_of(CONFIGS[name]):

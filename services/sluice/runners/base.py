@@ -29,7 +29,7 @@ import torch
 from sluice.errors import SluiceError
 from sluice.protocol import Job
 from sluice.runners import precision
-from sluice.runners.loading import resolve_model_path, setup_torch
+from sluice.runners.loading import resolve_model_files, setup_torch
 from sluice.settings import ModelSettings
 
 
@@ -58,7 +58,8 @@ class Runner(ABC):
     def load(self) -> None:
         """Loads tokenizer and weights; called once, off the event loop."""
         self.device = setup_torch(self.settings)
-        self.path = resolve_model_path(self.settings.model_path)
+        self.files = resolve_model_files(self.settings.model_path)
+        self.path = self.files.folder
         self.load_assets(self.path)
         self.precision = precision.load_gated(self)
 

@@ -1,6 +1,8 @@
 """Text generation: a causal LM served with continuous batching (decoding.py) and streaming.
 
-Input `{"prompt": str}`; params (all optional):
+Input `{"prompt": str}`, or `{"messages": [{"role", "content"}, ...]}`: a chat, put through
+the model's own chat template up to the start of the assistant's turn (roles system, user,
+assistant). Params (all optional):
 
     max_new_tokens  1 .. the model's `max_new_tokens` setting (default: that setting)
     temperature     0 (greedy, the default) .. 2
@@ -46,6 +48,8 @@ class _Running:
 
 PARAMS = frozenset({"max_new_tokens", "temperature", "top_p", "stop", "seed", "stream"})
 MAX_STOPS = 4
+MAX_MESSAGES = 256
+ROLES = frozenset({"system", "user", "assistant"})
 
 
 class GenerateRunner(ContinuousRunner):
@@ -56,16 +60,18 @@ class GenerateRunner(ContinuousRunner):
     quality_floor: ClassVar[float] = 0.98
 
     def load_assets(self, path: str) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        source = self.files.pretrained_kwargs()  # a GGUF file's name too, if it is one
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **source)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, **source)
         limit = int(getattr(config, "max_position_embeddings", 2048))
         self.max_length = min(self.settings.max_length or limit, limit)
         self._running: dict[str, _Running] = {}
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
-        model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, dtype=dtype)
+        source = self.files.pretrained_kwargs()
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, **source)
         loaded: torch.nn.Module = model.to(self.device).eval()  # type: ignore[arg-type]
         return loaded
 
@@ -111,14 +117,20 @@ class GenerateRunner(ContinuousRunner):
         return out
 
     def _encode_one(self, job: Job) -> Encoded:
-        prompt = job.input.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidInput("input.prompt must be a non-empty string")
-        extra = set(job.input) - {"prompt"}
-        if extra:
-            raise InvalidInput(f"unknown input fields {sorted(extra)}; generation takes `prompt`")
+        fields = set(job.input)
+        if fields not in ({"prompt"}, {"messages"}):
+            raise InvalidInput(
+                f"input must have exactly one of `prompt` (text) or `messages` (a chat), "
+                f"got fields {sorted(fields)[:8]}"
+            )
         request = self._request(job)
-        request.prompt_ids = list(self.tokenizer(prompt)["input_ids"])
+        if "messages" in fields:
+            request.prompt_ids = self._chat_ids(job.input["messages"])
+        else:
+            prompt = job.input["prompt"]
+            if not isinstance(prompt, str) or not prompt:
+                raise InvalidInput("input.prompt must be a non-empty string")
+            request.prompt_ids = list(self.tokenizer(prompt)["input_ids"])
         room = self.max_length - len(request.prompt_ids)
         if room < 1:
             raise InputTooLarge(
@@ -127,6 +139,31 @@ class GenerateRunner(ContinuousRunner):
             )
         request.max_new_tokens = min(request.max_new_tokens, room)
         return Encoded(job, len(request.prompt_ids), request)
+
+    def _chat_ids(self, messages: Any) -> list[int]:
+        """The token ids of a chat through the model's own chat template, ending where the
+        assistant's turn begins (as `transformers`' chat pipeline and OpenAI servers do)."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidInput("this model has no chat template: send `prompt` instead")
+        if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
+            raise InvalidInput(f"input.messages must be a list of 1 to {MAX_MESSAGES} messages")
+        chat = []
+        for i, message in enumerate(messages):
+            if (
+                not isinstance(message, dict)
+                or set(message) != {"role", "content"}
+                or message["role"] not in ROLES
+                or not isinstance(message["content"], str)
+            ):
+                raise InvalidInput(
+                    f"input.messages[{i}] must be {{role, content}} with role one of "
+                    f"{sorted(ROLES)} and content a string"
+                )
+            chat.append({"role": message["role"], "content": message["content"]})
+        encoded: Any = self.tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return [int(i) for i in encoded["input_ids"]]
 
     def _request(self, job: Job) -> GenRequest:
         p = job.params
