@@ -33,7 +33,12 @@ def local_stack(config: Json, niceness: int | None) -> Iterator[str]:
     term, on_int = signal.signal(signal.SIGTERM, on_term), signal.getsignal(signal.SIGINT)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="drain-") as fh:
         yaml.safe_dump(config, fh)
-        stack = LocalStack(fh.name, redis_url=f"redis://127.0.0.1:{free_port()}/0", num_cpus=2)
+        # Logical CPUs, not the box's: the Sluice replica reserves 2 (local.yaml), and the
+        # comparison's peer replica 1 more beside it (each target is measured alone while the
+        # other idles). With 2, the peer's replica could never be placed and `compare` waited
+        # for it for ever.
+        url = f"redis://127.0.0.1:{free_port()}/0"
+        stack = LocalStack(fh.name, redis_url=url, num_cpus=RAY_CPUS)
         try:
             stack.__enter__()  # closes what it started if it fails
             signal.signal(signal.SIGTERM, on_term)  # again: ray.init put its own (abort)
@@ -44,6 +49,10 @@ def local_stack(config: Json, niceness: int | None) -> Iterator[str]:
             stack.close()
             signal.signal(signal.SIGTERM, term)
             signal.signal(signal.SIGINT, on_int)
+
+
+#: Logical CPUs of the benchmarks' Ray: room for the Sluice replica (2) and the peer's (1).
+RAY_CPUS = 3
 
 
 def serve_config(ns: argparse.Namespace) -> Json:
