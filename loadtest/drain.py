@@ -5,8 +5,8 @@
 One process, one machine state: `sluice up`'s own `LocalStack` (redis-server on a free port,
 local Ray with 3 logical CPUs, Serve without proxy) serving the first app of
 `deployments/local.yaml` with the model settings of the options, and the same `EmbedRunner`
-with the same `ModelSettings` in this process (loaded after the stack, so the idle stack runs during both).
-Per repeat, bare and Sluice alternate; one warm-up of each comes first, unrecorded.
+with the same `ModelSettings` in this process (loaded after the stack, so the idle stack runs
+during both). Per repeat, bare and Sluice alternate; one warm-up of each comes first, unrecorded.
 
 * **bare**: encode → collate → run → finish over N sentences in chunks of the batch size.
 * **drain**: the replica was deployed with the stream empty, is RUNNING (model loaded) and
