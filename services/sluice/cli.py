@@ -160,17 +160,26 @@ def _stack(args: argparse.Namespace, settings: Settings) -> Any:
                       metrics_port=args.metrics_port)  # fmt: skip
 
 
+def _try_hint(config_path: str) -> str:
+    """What to try first, for the config's first model and its task."""
+    from sluice.stack import load_config
+
+    model = load_config(config_path)["applications"][0]["args"]["model"]
+    name, task = model.get("name", "minilm"), model.get("task", "embed")
+    xadd = f"  redis-cli XADD 'sluice:{{{name}}}:jobs' '*' id job-1 input "
+    if task == "generate":
+        chat = '{"messages":[{"role":"user","content":"Hello! Who are you?"}]}'
+        read = "  redis-cli XREAD BLOCK 60000 STREAMS my:replies 0"
+        return f"{xadd}'{chat}' reply_to my:replies\n{read}"
+    return f"  sluice submit {name} 'hello world'\n{xadd}'{{\"text\":\"hello\"}}'"
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     # SIGTERM unwinds like Ctrl-C, so whatever was started is stopped.
     signal.signal(signal.SIGTERM, _interrupt)
     with _stack(args, settings) as stack:
-        print(
-            f"serving on {stack.redis_url}. Try:\n"
-            f"  sluice submit minilm 'hello world'\n"
-            f"  redis-cli XADD 'sluice:{{minilm}}:jobs' '*' id job-1 input "
-            f'\'{{"text":"hello"}}\'\nCtrl-C stops everything.',
-            flush=True,
-        )
+        print(f"serving on {stack.redis_url}. Try:\n{_try_hint(args.config)}", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
         try:
             while True:
                 time.sleep(1)

@@ -358,6 +358,8 @@ class AsyncClient:
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    if b"token" in fields or "token" in fields:
+                        continue  # a generation job's streamed delta: its result comes after
                     raw = fields.get(b"result") or fields.get("result")
                     try:
                         self._deliver(Result.from_json(raw))

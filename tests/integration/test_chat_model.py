@@ -120,6 +120,32 @@ def test_greedy_chat_answers_through_the_queue_equal_generates(redis_url, smollm
         assert result["output"]["usage"]["completion_tokens"] <= NEW_TOKENS
 
 
+def test_the_sdk_waits_through_streamed_deltas_for_the_answer(redis_url, smollm2, caplog) -> None:
+    """A chat submitted with the SDK: its reply stream gets the token deltas first, which the
+    SDK's reader passes over (they are not results), then the one result."""
+    from sluice.client import AsyncClient
+
+    settings = smollm2.settings
+
+    async def scenario() -> Any:
+        limits = QueueSettings(block_ms=100)
+        queue = StreamQueue(connect(redis_url), settings.name, "c2", limits)
+        worker = Worker(queue, smollm2, settings, limits)
+        worker.start()
+        try:
+            async with AsyncClient(redis_url) as client:
+                job_id = await client.submit(
+                    settings.name, {"messages": CHATS[0]}, params={"max_new_tokens": 12}
+                )
+                return await client.result(job_id, timeout=120)
+        finally:
+            await worker.stop(30)
+
+    result = asyncio.run(scenario())
+    assert result.ok and "Paris" in result.output["text"]
+    assert not [r for r in caplog.records if "malformed" in r.getMessage()]
+
+
 def test_a_chat_that_is_not_a_chat_is_refused(smollm2) -> None:
     def job(payload: dict[str, Any]) -> Job:
         return Job("1-0", "x", payload, {})
