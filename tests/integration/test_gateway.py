@@ -170,7 +170,7 @@ def test_a_key_sees_cancels_and_is_told_about_only_its_own_jobs(
 ) -> None:
     """Finding 8 of issue 16: any key could GET or DELETE any job id, and callers choose ids.
     Now each key is a tenant: its ids live in its own namespace."""
-    from sluice.gateway_http import tenant_of
+    from sluice.gateway.http import tenant_of
 
     other = {"Authorization": f"Bearer {OTHER_KEY}"}
     mine = gateway.post("/v1/jobs", {"model": parked, "id": "shared-id", "input": {"text": "a"}})

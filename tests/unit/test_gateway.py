@@ -15,8 +15,8 @@ from pydantic import SecretStr, ValidationError
 
 from sluice.errors import TABLE, Overloaded, Unauthorized, from_wire
 from sluice.gateway import build_app, create_app
-from sluice.gateway_http import error_response, key_check, validation_message
-from sluice.gateway_models import EmbeddingRequest
+from sluice.gateway.bodies import EmbeddingRequest
+from sluice.gateway.http import error_response, key_check, validation_message
 from sluice.settings import GatewayOptions, GatewaySettings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "gateway.md"
@@ -158,7 +158,7 @@ def test_auth_off_is_said_loudly(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_api_key_entries_name_their_tenant_or_are_one_of_their_own() -> None:
-    from sluice.gateway_http import parse_key, tenant_of
+    from sluice.gateway.http import parse_key, tenant_of
 
     assert parse_key("team-a:s3cret-s3cret-s3cret") == ("team-a", b"s3cret-s3cret-s3cret")
     # A bare key, base64 padding included, is never split: a tenant of its own.

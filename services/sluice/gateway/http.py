@@ -42,7 +42,7 @@ from sluice.errors import (
     Unauthorized,
     Unavailable,
 )
-from sluice.gateway_models import ErrorBody
+from sluice.gateway.bodies import ErrorBody
 from sluice.settings import GatewayOptions
 
 log = logging.getLogger(__name__)

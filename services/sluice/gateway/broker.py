@@ -1,0 +1,176 @@
+"""What the gateway's routes do, one request's work against Redis each, through the SDK as the
+least-privilege `sluice-producer`; and the API keys' job id namespaces (`<tenant>:<id>`)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from sluice import admission
+from sluice.client import AsyncClient
+from sluice.errors import InvalidInput, NotFound, Overloaded, ResultTimeout, UnknownModel
+from sluice.gateway.bodies import EmbeddingRequest, JobSpec
+from sluice.protocol import (
+    JOB_ID_RE,
+    MODELS_KEY,
+    Result,
+    encode_job_fields,
+    info_key,
+    job_key,
+    result_key,
+)
+from sluice.settings import GatewayOptions
+
+
+class Broker:
+    """What the routes do: each method is one request's work against Redis, through the SDK."""
+
+    def __init__(self, client: AsyncClient, options: GatewayOptions) -> None:
+        self.client = client
+        self.options = options
+
+    def allow(self, model: str) -> None:
+        if self.options.models is not None and model not in self.options.models:
+            raise UnknownModel(f"model {model!r} is not served by this gateway")
+
+    def check_count(self, count: int, what: str) -> None:
+        limit = self.options.max_jobs_per_request
+        if count > limit:
+            raise InvalidInput(f"{count} {what} in one request, over the limit of {limit}")
+
+    async def submit(
+        self, model: str, jobs: Sequence[JobSpec], priority: str, tenant: str = ""
+    ) -> list[admission.Admitted]:
+        """Queues the jobs through admission, their ids in `tenant`'s namespace; `Overloaded`
+        if the queue refused any. The ids answered are the caller's own."""
+        self.allow(model)
+        self.check_count(len(jobs), "jobs")
+        lanes: dict[str, list[tuple[int, str, dict[str, str]]]] = {}
+        for index, job in enumerate(jobs):
+            job_id = scoped(tenant, job.id or uuid.uuid4().hex)
+            try:
+                fields = encode_job_fields(
+                    job_id, job.input, params=job.params, deadline_ms=job.deadline_ms
+                )
+            except orjson.JSONEncodeError as exc:  # Python's JSON took it; the wire's cannot
+                raise InvalidInput(f"`jobs[{index}]` cannot go on the wire: {exc}") from exc
+            lanes.setdefault(job.priority or priority, []).append((index, job_id, fields))
+        answers: dict[int, admission.Admitted] = {}
+        # Admission itself, not `AsyncClient.submit_many`: these jobs carry their own params,
+        # deadlines and lanes, and no reply_to (HTTP callers GET their results; pushing them
+        # to this process would only fill its memory).
+        for lane, entries in lanes.items():
+            pairs = [(job_id, fields) for _, job_id, fields in entries]
+            admitted = await admission.submit(self.client.redis, model, pairs, lane)
+            answers.update(zip((index for index, _, _ in entries), admitted, strict=True))
+        # The caller's own ids, in the answer and in an `Overloaded`'s accepted/rejected.
+        ordered = [
+            replace(answers[i], job_id=unscoped(tenant, answers[i].job_id))
+            for i in range(len(jobs))
+        ]
+        admission.raise_if_rejected(model, ordered)
+        return ordered
+
+    async def state(self, model: str, job_id: str, tenant: str = "") -> Result | None:
+        """The job's final result (under the caller's own id), or None while it is pending;
+        `NotFound` if `tenant` submitted no such job."""
+        self.allow(model)
+        caller_id, job_id = job_id, scoped(tenant, job_id)
+        async with self.client.redis.pipeline(transaction=False) as pipe:
+            pipe.get(result_key(model, job_id))
+            pipe.exists(job_key(model, job_id))
+            pipe.exists(info_key(model))
+            raw, queued, registered = await pipe.execute()
+        if raw is not None:
+            return replace(Result.from_json(raw), id=caller_id)
+        if not registered:
+            raise UnknownModel(f"no model {model!r} is registered in this Redis")
+        if not queued:
+            raise NotFound(
+                f"no job {caller_id!r} of model {model!r}: never submitted through admission "
+                "with this API key, or its result has expired"
+            )
+        return None
+
+    async def cancel(self, model: str, job_id: str, tenant: str = "") -> Result:
+        """The SDK's cancel, for a job `tenant` submitted; returns the final result."""
+        final = await self.state(model, job_id, tenant)
+        if final is not None:
+            return final  # a cancel is not an undo: the job keeps its result
+        result = await self.client.cancel(scoped(tenant, job_id), model=model)
+        return replace(result, id=job_id)
+
+    async def embed(self, request: EmbeddingRequest) -> list[Result]:
+        """Runs the texts through the queue and waits for all of their results."""
+        model = request.model
+        texts = [request.input] if isinstance(request.input, str) else request.input
+        self.allow(model)
+        self.check_count(len(texts), "inputs")
+        await self.check_task(model, "embed")
+        # base64 is made by the replica, from the float32 vector itself: passed through as is.
+        params = {"encoding": "base64"} if request.encoding_format == "base64" else None
+        timeout_s = self.options.embeddings_timeout_s
+        try:
+            # The deadline makes a job that is still queued when the caller gives up expire
+            # unrun instead of spending the model on an answer nobody reads.
+            ids = await self.client.submit_many(model, texts, params=params, deadline_s=timeout_s)
+        except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate, which UTF-8 cannot carry
+            raise InvalidInput(f"`input` cannot go on the wire: {exc}") from exc
+        except Overloaded as exc:
+            await self.abandon(model, exc.accepted)
+            raise Overloaded(f"model {model!r}: the queue is full; retry later") from exc
+        try:
+            return await self.client.wait(ids, timeout_s)
+        except ResultTimeout as exc:
+            await self.abandon(model, ids)
+            raise ResultTimeout(
+                f"no embeddings within {timeout_s}s; the jobs were cancelled"
+            ) from exc
+        except asyncio.CancelledError:
+            await self.abandon(model, ids)  # the caller hung up: nobody will read these
+            raise
+
+    async def check_task(self, model: str, task: str) -> None:
+        raw: bytes | str | None = await self.client.redis.hget(info_key(model), "task")
+        if raw is None:
+            raise UnknownModel(f"no model {model!r} is registered in this Redis")
+        registered = raw.decode() if isinstance(raw, bytes) else raw
+        if registered != task:
+            raise InvalidInput(f"model {model!r} is a {registered} model, not {task}")
+
+    async def abandon(self, model: str, ids: Sequence[str]) -> None:
+        """Cancels jobs whose answers nobody will read. One at a time: a request may hold a
+        thousand, and a burst of concurrent cancels would open a connection each."""
+        for job_id in ids:
+            await self.client.cancel(job_id, model=model)
+
+    async def readiness(self) -> dict[str, Any]:
+        """Redis answers (else a Redis error: 503); which allowed models are registered."""
+        models = self.options.models or []
+        async with self.client.redis.pipeline(transaction=False) as pipe:
+            # EXISTS, not PING: the producer's ACL allows no PING (docs/security.md).
+            pipe.exists(MODELS_KEY)
+            for model in models:
+                pipe.exists(info_key(model))
+            replies = await pipe.execute()
+        return {"status": "ready", "models": dict(zip(models, map(bool, replies[1:]), strict=True))}
+
+
+def scoped(tenant: str, job_id: str) -> str:
+    """The id a job is stored under: `<tenant>:<id>` (tenant: the API key's namespace)."""
+    if not tenant:
+        return job_id
+    full = f"{tenant}:{job_id}"
+    if not JOB_ID_RE.fullmatch(full):
+        room = 128 - len(tenant) - 1
+        raise InvalidInput(f"job id {job_id[:40]!r} is too long: at most {room} characters here")
+    return full
+
+
+def unscoped(tenant: str, job_id: str) -> str:
+    return job_id[len(tenant) + 1 :] if tenant and job_id.startswith(f"{tenant}:") else job_id
