@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # docker-compose: `docker-compose config` checks the compose files (no Docker engine needed).
 APT_PACKAGES := redis-server redis-tools prometheus docker-compose
 
-.PHONY: install system-deps demo test test-fast chaos bench bench-compare bench-precision bench-generate bench-scaling bench-metrics lint format clean
+.PHONY: install system-deps demo demo-chat test test-fast chaos bench bench-compare bench-precision bench-generate bench-chat llama-server bench-scaling bench-metrics lint format clean
 
 install: $(STAMP) system-deps
 
@@ -37,6 +37,10 @@ system-deps:
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sluice demo
+
+# The real chat model (SmolLM2-135M-Instruct): answers streamed through the queue.
+demo-chat: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sluice demo --config deployments/chat.yaml
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
@@ -74,6 +78,27 @@ bench-precision: install
 # Generation: continuous batching vs static generate.
 bench-generate: install
 	HF_HUB_OFFLINE=1 $(PY) -m loadtest.genbench --shape small --repeats 3 --plot
+
+# The real chat model against llama.cpp's server, static generate, transformers' CB (issue 18).
+bench-chat: install llama-server
+	HF_HUB_OFFLINE=1 $(PY) -m loadtest.genbench --model smollm2 --repeats 3 --plot
+
+# llama.cpp's server, built from the llama.cpp source inside PyPI's llama-cpp-python sdist
+# (no other registry is reachable), for bench-chat. ~5 minutes on 2 cores.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_DIR := .cache/llama.cpp
+llama-server: $(LLAMA_DIR)/build/bin/llama-server
+
+$(LLAMA_DIR)/build/bin/llama-server:
+	mkdir -p $(LLAMA_DIR)/src
+	$(VENV)/bin/pip download --no-deps --no-binary :all: -d $(LLAMA_DIR) \
+	  llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_DIR)/src \
+	  --strip-components=3 llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+	cmake -S $(LLAMA_DIR)/src -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release \
+	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=ON
+	cmake --build $(LLAMA_DIR)/build --target llama-server -j$$(nproc)
 
 # Autoscaling (issue 7): burst reaction and cold start, then Redis' CPU per job.
 bench-scaling: install

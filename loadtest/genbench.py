@@ -1,6 +1,8 @@
 """Generation benchmark: Sluice's continuous batching against static HF `generate`, one process.
 
     .venv/bin/python -m loadtest.genbench [--shape small] [--batch 8] [--arrival poisson --rate 2]
+    .venv/bin/python -m loadtest.genbench --model smollm2 ...   (the real chat model, end to end,
+                                                                 against its peers: chatbench.py)
 
 The same seeded workload (random prompt ids, no special tokens; mixed prompt and output lengths)
 goes through the same model two ways, alternating per repeat after one unrecorded warm-up each:
@@ -306,6 +308,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add = p.add_argument
     add("--shape", choices=tuple(SHAPES), default="small", help="random-weight Qwen2 (small)")
     add("--model-path", help="a local model folder instead of --shape")
+    add("--model", choices=("smollm2",), help="the real chat model against its peers "
+        "(loadtest/chatbench.py; its own options: --model smollm2 --help)")
     add("--requests", type=int, default=48, help="requests per run (48)")
     add("--prompt-len", type=_span, default=(16, 128), help="uniform prompt tokens (16..128)")
     add("--output-len", type=_span, default=(8, 128), help="uniform new tokens (8..128)")
@@ -355,7 +359,12 @@ def measure(ns: argparse.Namespace, model: Any, tok: Any, bar: Bar) -> tuple[lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns, started = parse(argv), time.time()
+    args = sys.argv[1:] if argv is None else argv
+    if any(a == "--model" or a.startswith("--model=") for a in args):
+        from loadtest import chatbench
+
+        return chatbench.main(args)
+    ns, started = parse(args), time.time()
     out = report_file("genbench", ns.out)
     if ns.threads:
         torch.set_num_threads(ns.threads)

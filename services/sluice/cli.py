@@ -1,4 +1,4 @@
-"""The `sluice` command: up, demo, submit, cancel, status, dlq, exporter, tenants.
+"""The `sluice` command: up, demo, submit, chat, cancel, status, dlq, exporter, tenants.
 `sluice COMMAND --help` for each."""
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ DEMO_SENTENCES = [
     "Someone is riding a white horse on a track.",
     "Two men pushed carts through the woods.",
     "A monkey is playing drums.",
+]
+DEMO_QUESTIONS = [
+    "What is the capital of France? Answer in one word.",
+    "Write a haiku about a river.",
+    "Explain in two sentences what a message queue is.",
 ]
 
 
@@ -94,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="print the ids and return")
     submit.add_argument("--json", action="store_true", help="print each result as raw JSON")
     submit.set_defaults(func=cmd_submit)
+
+    chat = sub.add_parser("chat", help="ask a generate model; print its answer as it streams")
+    chat.add_argument("model", help="model name, e.g. smollm2")
+    chat.add_argument("question", help="the user's message")
+    chat.add_argument("--system", default=None, help="a system message before it")
+    chat.add_argument("--max-tokens", type=int, default=None, help="default: the model's cap")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    chat.add_argument("--seed", type=int, default=None, help="repeatable sampling")
+    chat.add_argument("--no-stream", action="store_true", help="print the answer once, whole")
+    chat.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (300)")
+    chat.add_argument("--redis-url", help=URL_HELP)
+    chat.set_defaults(func=cmd_chat)
 
     cancel = sub.add_parser("cancel", help="cancel queued jobs; print each job's final status")
     cancel.add_argument("model", help="model name")
@@ -170,7 +187,8 @@ def _try_hint(config_path: str) -> str:
     if task == "generate":
         chat = '{"messages":[{"role":"user","content":"Hello! Who are you?"}]}'
         read = "  redis-cli XREAD BLOCK 60000 STREAMS my:replies 0"
-        return f"{xadd}'{chat}' reply_to my:replies\n{read}"
+        ask = f"  sluice chat {name} 'Hello! Who are you?'"
+        return f"{ask}\n{xadd}'{chat}' reply_to my:replies\n{read}"
     return f"  sluice submit {name} 'hello world'\n{xadd}'{{\"text\":\"hello\"}}'"
 
 
@@ -193,6 +211,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from sluice.stack import load_config
+
+    model = load_config(args.config)["applications"][0]["args"]["model"]
+    if model.get("task") == "generate":
+        return _chat_demo(args, settings, model.get("name", "smollm2"))
     with _stack(args, settings) as stack, Client(stack.redis_url) as client:
         started = time.perf_counter()
         ids = client.submit_many("minilm", DEMO_SENTENCES)
@@ -212,6 +235,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                 f'\na malformed job ({{"text": 42}}) is answered, not dropped: '
                 f"[{err.code}] {err.message}"
             )
+    print("stack stopped.")
+    return 0
+
+
+def _chat_demo(args: argparse.Namespace, settings: Settings, model: str) -> int:
+    """Streams the answers to a few questions through the queue, as they are made."""
+    with _stack(args, settings) as stack, Client(stack.redis_url) as client:
+        for question in DEMO_QUESTIONS:
+            print(f"\n> {question}", flush=True)
+            messages = [{"role": "user", "content": question}]
+            _print_streamed(client, model, messages, 300.0, {"max_new_tokens": 96})
     print("stack stopped.")
     return 0
 
@@ -252,6 +286,41 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             failed += not res.ok
             print(f"{res.id} {res.status} {json.dumps(res.error or res.output)}")
     return 1 if failed else 0
+
+
+def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
+    messages = [{"role": "user", "content": args.question}]
+    if args.system:
+        messages.insert(0, {"role": "system", "content": args.system})
+    params: dict[str, Any] = {"temperature": args.temperature}
+    if args.max_tokens is not None:
+        params["max_new_tokens"] = args.max_tokens
+    if args.seed is not None:
+        params["seed"] = args.seed
+    with Client(args.redis_url or settings.redis_url) as client:
+        if args.no_stream:
+            print(client.chat(args.model, messages, timeout=args.timeout, **params))
+            return 0
+        _print_streamed(client, args.model, messages, args.timeout, params)
+    return 0
+
+
+def _print_streamed(
+    client: Client, model: str, messages: list[dict[str, str]], timeout: float, params: Any
+) -> None:
+    """Prints the answer as it comes, then (on stderr) its first-token time and speed."""
+    started = time.perf_counter()
+    first_s = None
+    pieces = 0
+    for text in client.chat(model, messages, stream=True, timeout=timeout, **params):
+        first_s = first_s if first_s is not None else time.perf_counter() - started
+        pieces += 1
+        print(text, end="", flush=True)
+    elapsed_s = time.perf_counter() - started
+    print()
+    if first_s is not None and pieces > 1:
+        rate = (pieces - 1) / max(elapsed_s - first_s, 1e-9)
+        print(f"[first text {first_s * 1000:.0f} ms, then {rate:.1f} pieces/s]", file=sys.stderr)
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:

@@ -22,9 +22,9 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import orjson
 from redis.exceptions import RedisError
@@ -33,11 +33,8 @@ from sluice import admission
 from sluice.connection import AsyncRedis, connect
 from sluice.errors import (
     InvalidInput,
-    JobCancelled,
-    JobExpired,
     ResultTimeout,
     SluiceError,
-    from_wire,
 )
 from sluice.protocol import (
     JOB_ID_RE,
@@ -46,11 +43,13 @@ from sluice.protocol import (
     check_tenant,
     encode_job_fields,
     jobs_key,
+    raise_for_status,
     reply_key,
     result_key,
     scoped_id,
 )
 from sluice.settings import Settings
+from sluice.streaming import Delta, TokenStream
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -68,18 +67,6 @@ def _remember(table: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
 
 
 JobInput = Mapping[str, Any] | str
-
-
-def raise_for_status(result: Result) -> Result:
-    """Returns an `ok` result; raises the typed error of any other."""
-    if result.status == "ok":
-        return result
-    if result.status == "expired":
-        raise JobExpired("the job's deadline passed before it ran", job_id=result.id)
-    if result.status == "cancelled":
-        raise JobCancelled("the job was cancelled before it ran", job_id=result.id)
-    error = result.error or {"code": "internal", "message": "error result without an error"}
-    raise from_wire(error.get("code", "internal"), error.get("message", ""), job_id=result.id)
 
 
 def _as_input(value: JobInput) -> Mapping[str, Any]:
@@ -127,6 +114,8 @@ class AsyncClient:
         self._waiting: Counter[str] = Counter()  # calls waiting on each id right now
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        # Text deltas of the generation jobs someone streams right now, by wire id.
+        self._streams: dict[str, asyncio.Queue[Delta]] = {}
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -359,7 +348,9 @@ class AsyncClient:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                     if b"token" in fields or "token" in fields:
-                        continue  # a generation job's streamed delta: its result comes after
+                        # A generation job's streamed delta: its result comes after it.
+                        self._route_delta(fields)
+                        continue
                     raw = fields.get(b"result") or fields.get("result")
                     try:
                         self._deliver(Result.from_json(raw))
@@ -367,6 +358,100 @@ class AsyncClient:
                         log.warning(
                             "skipped a malformed entry %s on %s", last_id, self.reply_stream
                         )
+
+    def _route_delta(self, fields: Mapping[Any, Any]) -> None:
+        """Hands a delta to the stream that reads its job, if any (else it is not wanted)."""
+
+        def text(name: str) -> str:
+            value = fields.get(name.encode(), fields.get(name, b""))
+            return value.decode() if isinstance(value, bytes) else str(value)
+
+        queue = self._streams.get(text("id"))
+        if queue is None:
+            return
+        try:
+            delta = Delta(int(text("seq")), text("token"), int(text("attempt") or 1))
+        except ValueError:
+            log.warning("skipped a malformed token delta on %s", self.reply_stream)
+            return
+        queue.put_nowait(delta)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def stream(
+        self,
+        model: str,
+        input: JobInput,
+        *,
+        params: Mapping[str, Any] | None = None,
+        timeout: float = 300.0,
+        deadline_s: float | None = None,
+        priority: str = "normal",
+    ) -> TokenStream:
+        """Queues one generation job and streams its text: `async for text in stream`.
+
+        `timeout`: the whole answer's; `ResultTimeout` after it. The job's id is
+        `stream.job_id`; once the iteration ends, `stream.result` is its final result."""
+        job_id = uuid.uuid4().hex
+        wire = self._wire(job_id)
+        deltas: asyncio.Queue[Delta] = asyncio.Queue()
+        # Listening before the submit: a replica may push the first delta before it returns.
+        self._streams[wire] = deltas
+        self._ensure_reader()
+        try:
+            await self.submit(
+                model,
+                input,
+                id=job_id,
+                params={**(params or {}), "stream": True},
+                deadline_s=deadline_s,
+                priority=priority,
+            )
+        except BaseException:
+            self._streams.pop(wire, None)
+            raise
+        return TokenStream(
+            job_id,
+            deltas,
+            self._final(job_id, timeout),
+            lambda: self.cancel(job_id),
+            lambda: self._forget_stream(wire),
+        )
+
+    async def _final(self, job_id: str, timeout: float) -> Result:
+        (result,) = await self.wait([job_id], timeout)
+        return result
+
+    def _forget_stream(self, wire: str) -> None:
+        self._streams.pop(wire, None)
+
+    async def chat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        timeout: float = 300.0,
+        **params: Any,
+    ) -> str:
+        """A chat's answer, through the model's chat template: `messages` are `{"role",
+        "content"}` (roles system, user, assistant). `params`: the generate task's
+        (`max_new_tokens`, `temperature`, `top_p`, `stop`, `seed`; docs/models.md)."""
+        chat = {"messages": [dict(m) for m in messages]}
+        job_id = await self.submit(model, chat, params={**params, "stream": False})
+        result = await self.result(job_id, timeout)
+        return str(result.output["text"])
+
+    async def chat_stream(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        timeout: float = 300.0,
+        **params: Any,
+    ) -> TokenStream:
+        """`chat`, streamed: `async for text in await client.chat_stream(...)`."""
+        chat = {"messages": [dict(m) for m in messages]}
+        return await self.stream(model, chat, params=params, timeout=timeout)
 
 
 class Client:
@@ -446,5 +531,62 @@ class Client:
         """See `AsyncClient.cancel`."""
         return self._call(self._async.cancel(job_id, **kwargs))
 
+    @overload
+    def chat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        stream: Literal[False] = False,
+        timeout: float = 300.0,
+        **params: Any,
+    ) -> str: ...
 
-__all__ = ["AsyncClient", "Client", "SluiceError", "raise_for_status"]
+    @overload
+    def chat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        stream: Literal[True],
+        timeout: float = 300.0,
+        **params: Any,
+    ) -> Iterator[str]: ...
+
+    def chat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        stream: bool = False,
+        timeout: float = 300.0,
+        **params: Any,
+    ) -> str | Iterator[str]:
+        """A chat's answer (see `AsyncClient.chat`); `stream=True` yields its text as it
+        is made. Leaving the loop early cancels the job."""
+        if not stream:
+            return self._call(self._async.chat(model, messages, timeout=timeout, **params))
+        tokens = self._call(self._async.chat_stream(model, messages, timeout=timeout, **params))
+        return self._iterate(tokens)
+
+    def _iterate(self, tokens: TokenStream) -> Iterator[str]:
+        texts = aiter(tokens)
+        finished = False
+        try:
+            while True:
+                try:
+                    yield self._call(_next(texts))
+                except StopAsyncIteration:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._call(tokens.cancel())
+            self._call(texts.aclose())  # type: ignore[attr-defined]
+
+
+async def _next(texts: AsyncIterator[str]) -> str:
+    return await anext(texts)
+
+
+__all__ = ["AsyncClient", "Client", "SluiceError", "TokenStream", "raise_for_status"]

@@ -12,12 +12,13 @@ last delta. A failing step fails (or retries) every job in flight, and the repli
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from sluice.batching import Batch
-from sluice.errors import JobExpired, classify
+from sluice.errors import JobCancelled, JobExpired, classify
 from sluice.protocol import Job, Result
 from sluice.queue import Outcome
 from sluice.runners.base import ContinuousRunner, Encoded, Progress
@@ -54,7 +55,23 @@ class ContinuousStage(ModelStage):
         self.crunner = runner
         self.max_waiting = max_waiting
         self.aborted = False
+        self.cancelled = 0  # jobs dropped mid-generation because they were cancelled
+        # Job id -> when it joined the runner: the jobs in flight. The model thread writes
+        # it; the event loop reads which ids are in flight, so both hold the lock.
         self._admitted_ms: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._to_cancel: set[str] = set()
+
+    def in_flight(self) -> list[str]:
+        """The ids of the jobs waiting in or running through the runner; any thread."""
+        with self._lock:
+            return list(self._admitted_ms)
+
+    def cancel(self, job_ids: Collection[str]) -> None:
+        """Drops these jobs before the next step (their results exist already: a cancel);
+        any thread. Each gets an outcome, so its entry is acked with the stored result."""
+        with self._lock:
+            self._to_cancel.update(job_ids)
 
     def abort(self) -> None:
         self.aborted = True  # jobs in flight stay pending in Redis: reclaimed elsewhere
@@ -66,6 +83,7 @@ class ContinuousStage(ModelStage):
         while not self.aborted and not (ending and self.crunner.idle):
             if not ending:
                 ending = self._take(block=self.crunner.idle)
+            self._drop_cancelled()
             if not self.crunner.idle and not self.aborted:
                 self._step()
 
@@ -91,10 +109,28 @@ class ContinuousStage(ModelStage):
         if late:
             expired = JobExpired("deadline passed before generation began")
             self._send([failed(self.model, job, expired) for job in late])
-        for item in live:
-            self._admitted_ms[item.job.id] = now_ms
+        with self._lock:
+            for item in live:
+                self._admitted_ms[item.job.id] = now_ms
         if live:
             self.crunner.admit(live)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            job_ids, self._to_cancel = self._to_cancel, set()
+        if not job_ids:
+            return
+        items = self.crunner.cancel(job_ids)
+        if not items:
+            return  # finished (or never admitted) before the cancel was seen
+        with self._lock:
+            for item in items:
+                self._admitted_ms.pop(item.job.id, None)
+        self.cancelled += len(items)
+        log.info("dropped %d cancelled job(s) mid-generation", len(items))
+        # The stored `cancelled` result wins SET NX; the writer pushes it and acks.
+        cancelled = JobCancelled("cancelled while it was generated")
+        self._send([failed(self.model, item.job, cancelled) for item in items])
 
     def _step(self) -> None:
         self._started_s = time.monotonic()
@@ -121,7 +157,8 @@ class ContinuousStage(ModelStage):
     def _outcome(self, p: Progress) -> Outcome:
         job = p.item.job
         done_ms = time.time() * 1000
-        admitted_ms = self._admitted_ms.pop(job.id, done_ms)
+        with self._lock:
+            admitted_ms = self._admitted_ms.pop(job.id, done_ms)
         own = p.timings or {}
         timings = {
             "queue_ms": round(job.pulled_ms - job.enqueued_ms, 3),
@@ -145,7 +182,8 @@ class ContinuousStage(ModelStage):
         log.exception("generation step failed; %d job(s) in flight", len(items))
         err = classify(exc)
         for item in items:
-            self._admitted_ms.pop(item.job.id, None)
+            with self._lock:
+                self._admitted_ms.pop(item.job.id, None)
             out: StageItem = (
                 Retry(item.job, err) if err.retryable else [failed(self.model, item.job, err)]
             )

@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import orjson
 
-from sluice.errors import InputTooLarge, InvalidInput, InvalidParams, SluiceError
+from sluice.errors import (
+    InputTooLarge,
+    InvalidInput,
+    InvalidParams,
+    JobCancelled,
+    JobExpired,
+    SluiceError,
+    from_wire,
+)
 from sluice.settings import MODEL_NAME_RE, QueueSettings
 
 PROTOCOL_VERSION = 1
@@ -411,3 +419,15 @@ def decode_embedding(output: Any) -> np.ndarray[Any, Any]:
     if isinstance(output, str):
         return np.frombuffer(base64.b64decode(output), dtype="<f4")
     return np.asarray(output, dtype=np.float32)
+
+
+def raise_for_status(result: Result) -> Result:
+    """Returns an `ok` result; raises the typed error of any other."""
+    if result.status == "ok":
+        return result
+    if result.status == "expired":
+        raise JobExpired("the job's deadline passed before it ran", job_id=result.id)
+    if result.status == "cancelled":
+        raise JobCancelled("the job was cancelled before it ran", job_id=result.id)
+    error = result.error or {"code": "internal", "message": "error result without an error"}
+    raise from_wire(error.get("code", "internal"), error.get("message", ""), job_id=result.id)

@@ -238,6 +238,10 @@ class GatewayOptions(BaseModel):
     embeddings_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="/v1/embeddings waits this long for results (504)"
     )
+    generation_timeout_s: float = Field(
+        300.0, gt=0, le=86400,
+        description="/v1/chat/completions and /v1/completions: the whole answer's time (504)",
+    )  # fmt: skip
     retry_after_s: int = Field(1, ge=1, le=3600, description="the Retry-After of a 429")
 
     @field_validator("models", mode="before")

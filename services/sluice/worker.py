@@ -47,6 +47,8 @@ from sluice.settings import ModelSettings, QueueSettings
 log = logging.getLogger(__name__)
 
 WriteItem = StageItem | list[DeadLetter]
+# How often a generating replica looks for cancels of the jobs it is generating.
+CANCEL_CHECK_S = 0.25
 
 
 @dataclass
@@ -137,6 +139,8 @@ class Worker:
         self._own("write", self._loop.create_task(self._write_loop()))
         self._own("lease", self._loop.create_task(self._lease_loop()))
         self._own("intake", self._loop.create_task(self._intake.run(self._stopping)))
+        if isinstance(self._stage, ContinuousStage):
+            self._own("cancels", self._loop.create_task(self._cancel_loop(self._stage)))
 
     def _own(self, name: str, future: asyncio.Future[None]) -> None:
         def on_done(fut: asyncio.Future[None]) -> None:
@@ -280,6 +284,26 @@ class Worker:
             self.stats.leases_renewed += renewed.renewed
             self.stats.leases_lost += len(renewed.taken)
             self.metrics.leases_lost(len(renewed.taken))
+
+    async def _cancel_loop(self, stage: ContinuousStage) -> None:
+        """Drops generation jobs cancelled while they run (a cancel stores their result) from
+        the running batch within `CANCEL_CHECK_S`, so the model spends no more steps on text
+        nobody reads (a gateway's client that hung up mid-stream). One MGET of the in-flight
+        jobs' result keys a tick: O(batch), whatever the queue holds."""
+        while True:
+            await asyncio.sleep(CANCEL_CHECK_S)
+            job_ids = stage.in_flight()
+            if not job_ids:
+                continue
+            try:
+                stored = await self.queue.existing_results(job_ids)
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                log.warning("could not check for cancelled jobs (%r); retrying", exc)
+                continue
+            answered = [i for i, raw in zip(job_ids, stored, strict=True) if raw is not None]
+            if answered:
+                stage.cancel(answered)
 
     async def _admit(self, entries: Sequence[Entry]) -> None:
         """Answers what cannot run (bad, expired, over-delivered); sends the rest on."""

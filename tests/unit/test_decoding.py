@@ -139,6 +139,19 @@ def test_length_eos_and_admission_limits(model, tokenizer) -> None:
         batcher.add(GenRequest("bad", ids, 0))
 
 
+def test_ignore_eos_runs_to_max_new_tokens_through_the_eos(model, tokenizer) -> None:
+    ids = prompt(tokenizer, PROMPTS[0])
+    reference = greedy(model, ids, 12)
+    k = next(i for i in range(1, len(reference)) if reference[i] not in reference[:i])
+    batcher = ContinuousBatcher(model, tokenizer, eos_token_ids=(reference[k],))
+    batcher.add(GenRequest("through", ids, 12, ignore_eos=True))
+    batcher.add(GenRequest("stops", ids, 12))
+    by_key = collect(drain(batcher))
+    assert ids_of(by_key["through"]) == reference  # the eos token and what follows it
+    assert by_key["through"][-1].finish_reason == "length"
+    assert by_key["stops"][-1].finish_reason == "eos"
+
+
 def test_stop_string(model, tokenizer) -> None:
     ids = prompt(tokenizer, PROMPTS[2])
     full = tokenizer.decode(greedy(model, ids, 30))

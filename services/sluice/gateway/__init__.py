@@ -5,9 +5,10 @@
     http.py      the one error shape, API keys, the body limit
     bodies.py    request and response bodies (the OpenAPI document)
 
-A Serve config names `sluice.gateway:build_app`.
+A Serve config names `sluice.gateway:build_app`; without Serve, any ASGI server runs
+`sluice.gateway:from_env` (`uvicorn --factory`).
 """
 
-from sluice.gateway.app import Gateway, build_app, create_app
+from sluice.gateway.app import Gateway, build_app, create_app, from_env
 
-__all__ = ["Gateway", "build_app", "create_app"]
+__all__ = ["Gateway", "build_app", "create_app", "from_env"]

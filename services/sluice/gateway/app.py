@@ -26,6 +26,7 @@ from starlette.responses import Response
 
 from sluice import __version__
 from sluice.client import AsyncClient
+from sluice.gateway import chat
 from sluice.gateway.bodies import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -40,9 +41,16 @@ from sluice.gateway.bodies import (
     state_response,
 )
 from sluice.gateway.broker import Broker
+from sluice.gateway.chat_bodies import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
 from sluice.gateway.http import (
     ERRORS,
     OVERLOADED,
+    STREAMED,
     TIMEOUT,
     UNAUTHORIZED,
     UNKNOWN,
@@ -76,16 +84,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = AsyncClient(settings.redis_url, cluster=settings.redis_cluster)
-        app.state.broker = Broker(client, options)
+        app.state.broker = broker = Broker(client, options)
         try:
             yield
         finally:
-            await client.close()
+            await broker.close()
 
     app = FastAPI(
         title="Sluice gateway",
         version=__version__,
-        summary="Queue-fed inference over HTTP: the jobs API and OpenAI-style embeddings.",
+        summary="Queue-fed inference over HTTP: the jobs API, and OpenAI-style embeddings, chat "
+        "and completions.",
         lifespan=lifespan,
         responses=documented(ERRORS),
     )
@@ -177,6 +186,38 @@ def _add_routes(app: FastAPI, keys: Sequence[SecretStr]) -> None:
         del tenant  # checked; the jobs' ids are random and never shown, so need no namespace
         return embeddings_response(body, await broker.embed(body))
 
+    @app.post(
+        "/v1/chat/completions",
+        responses=errors(UNKNOWN, OVERLOADED, TIMEOUT) | STREAMED,
+        summary="OpenAI-compatible chat, through the queue; streamed with `stream: true`",
+    )
+    async def chat_completions(
+        body: ChatCompletionRequest, broker: BrokerDep, tenant: str = tenant_dep
+    ) -> Response:
+        del tenant  # as for embeddings: the job's id is random
+        return await (chat.stream if body.stream else chat.complete)(broker, body)
+
+    @app.post(
+        "/v1/completions",
+        responses=errors(UNKNOWN, OVERLOADED, TIMEOUT) | STREAMED,
+        summary="OpenAI-compatible text completion (no chat template), through the queue",
+    )
+    async def completions(
+        body: CompletionRequest, broker: BrokerDep, tenant: str = tenant_dep
+    ) -> Response:
+        del tenant
+        return await (chat.stream if body.stream else chat.complete)(broker, body)
+
+    @app.get(
+        "/v1/models",
+        response_model=ModelList,
+        responses=errors(),
+        summary="The registered models this gateway serves",
+    )
+    async def models(broker: BrokerDep, tenant: str = tenant_dep) -> ModelList:
+        del tenant
+        return ModelList(data=[ModelCard(**card) for card in await broker.models()])
+
 
 @serve.deployment(
     name="Gateway",
@@ -203,6 +244,14 @@ class Gateway:
         """What GET /readyz answers, for a `DeploymentHandle` caller."""
         broker: Broker = self.api.state.broker
         return await broker.readiness()
+
+
+def from_env() -> FastAPI:
+    """The app from the `SLUICE_*` environment alone, for an ASGI server without Serve
+    (a benchmark, a sidecar): `uvicorn --factory sluice.gateway:from_env --port 8000`."""
+    settings = GatewaySettings()
+    route_logs(settings.log_level)
+    return create_app(settings)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -4,8 +4,9 @@ least-privilege `sluice-producer`; and the API keys' job id namespaces (`<tenant
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -13,8 +14,16 @@ import orjson
 
 from sluice import admission
 from sluice.client import AsyncClient
-from sluice.errors import InvalidInput, NotFound, Overloaded, ResultTimeout, UnknownModel
+from sluice.errors import (
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    ResultTimeout,
+    SluiceError,
+    UnknownModel,
+)
 from sluice.gateway.bodies import EmbeddingRequest, JobSpec
+from sluice.gateway.chat_bodies import GenerationRequest
 from sluice.protocol import (
     JOB_ID_RE,
     MODELS_KEY,
@@ -25,6 +34,7 @@ from sluice.protocol import (
     result_key,
 )
 from sluice.settings import GatewayOptions
+from sluice.streaming import TokenStream
 
 
 class Broker:
@@ -33,6 +43,13 @@ class Broker:
     def __init__(self, client: AsyncClient, options: GatewayOptions) -> None:
         self.client = client
         self.options = options
+        self._tasks: set[asyncio.Task[Any]] = set()  # cancels of jobs whose callers left
+
+    async def close(self) -> None:
+        """Lets the cancels under way finish (briefly), then closes the client."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        await self.client.close()
 
     def allow(self, model: str) -> None:
         if self.options.models is not None and model not in self.options.models:
@@ -135,13 +152,98 @@ class Broker:
             await self.abandon(model, ids)  # the caller hung up: nobody will read these
             raise
 
-    async def check_task(self, model: str, task: str) -> None:
+    # -- generation (OpenAI chat and completions: chat.py) ----------------------------------
+
+    async def complete(self, request: GenerationRequest) -> Result:
+        """Runs one generation job and waits for its final result (whatever its status)."""
+        model, job_input, params = await self._generation(request)
+        timeout_s = self.options.generation_timeout_s
+        job_id = await self._submit_generation(model, job_input, params, timeout_s)
+        try:
+            (result,) = await self.client.wait([job_id], timeout_s)
+        except ResultTimeout as exc:
+            await self.client.cancel(job_id, model=model)
+            raise ResultTimeout(f"no answer within {timeout_s}s; the job was cancelled") from exc
+        except asyncio.CancelledError:
+            self._spawn(self.client.cancel(job_id, model=model))  # the caller hung up
+            raise
+        return result
+
+    async def stream(self, request: GenerationRequest) -> TokenStream:
+        """Queues one generation job whose text deltas come back as it runs."""
+        model, job_input, params = await self._generation(request)
+        timeout_s = self.options.generation_timeout_s
+        try:
+            return await self.client.stream(
+                model, job_input, params=params, timeout=timeout_s, deadline_s=timeout_s
+            )
+        except orjson.JSONEncodeError as exc:
+            raise InvalidInput(f"the request cannot go on the wire: {exc}") from exc
+
+    def drop(self, tokens: TokenStream) -> None:
+        """Cancels a streamed job whose reader has gone, in a task of its own: the request's
+        task is being cancelled itself, and would cancel the cancel."""
+        self._spawn(tokens.cancel())
+
+    async def _generation(
+        self, request: GenerationRequest
+    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        model = request.model
+        self.allow(model)
+        # A 404, as OpenAI answers a model that is not a chat model on its chat endpoint.
+        await self.check_task(model, "generate", refuse_as=UnknownModel)
+        params = request.job_params()
+        if params["temperature"] > 0 and "seed" not in params:
+            # Seeded, so a retry after a replica died samples the same text again, and the
+            # text already streamed stays the answer's beginning (streaming.py).
+            params["seed"] = random.getrandbits(63)
+        return model, request.job_input(), params
+
+    async def _submit_generation(
+        self, model: str, job_input: dict[str, Any], params: dict[str, Any], timeout_s: float
+    ) -> str:
+        try:
+            # The deadline: a job still queued when the caller gives up expires unrun.
+            return await self.client.submit(model, job_input, params=params, deadline_s=timeout_s)
+        except orjson.JSONEncodeError as exc:
+            raise InvalidInput(f"the request cannot go on the wire: {exc}") from exc
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # owned until done: a dropped task could be collected mid-way
+        task.add_done_callback(self._tasks.discard)
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The registered models this gateway serves, in OpenAI's model list shape."""
+        names: Any = self.options.models
+        if names is None:
+            names = sorted(n.decode() if isinstance(n, bytes) else n
+                           for n in await self.client.redis.smembers(MODELS_KEY))  # fmt: skip
+        async with self.client.redis.pipeline(transaction=False) as pipe:
+            for name in names:  # HGETs: the producer's ACL has no HMGET
+                pipe.hget(info_key(name), "task")
+                pipe.hget(info_key(name), "registered_ms")
+            replies = await pipe.execute()
+        listed = []
+        pairs = zip(replies[::2], replies[1::2], strict=True)
+        for name, (task, registered_ms) in zip(names, pairs, strict=True):
+            if task is None:
+                continue  # allowed, but not registered (yet)
+            created = int(registered_ms or 0) // 1000
+            listed.append({"id": name, "object": "model", "created": created,
+                           "owned_by": "sluice", "task": task.decode()})  # fmt: skip
+        return listed
+
+    async def check_task(
+        self, model: str, task: str, refuse_as: type[SluiceError] = InvalidInput
+    ) -> None:
+        """`UnknownModel` for a model nobody registered; `refuse_as` for one of another task."""
         raw: bytes | str | None = await self.client.redis.hget(info_key(model), "task")
         if raw is None:
             raise UnknownModel(f"no model {model!r} is registered in this Redis")
         registered = raw.decode() if isinstance(raw, bytes) else raw
         if registered != task:
-            raise InvalidInput(f"model {model!r} is a {registered} model, not {task}")
+            raise refuse_as(f"model {model!r} is a {registered} model, not {task}")
 
     async def abandon(self, model: str, ids: Sequence[str]) -> None:
         """Cancels jobs whose answers nobody will read. One at a time: a request may hold a

