@@ -308,8 +308,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add = p.add_argument
     add("--shape", choices=tuple(SHAPES), default="small", help="random-weight Qwen2 (small)")
     add("--model-path", help="a local model folder instead of --shape")
-    add("--model", choices=("smollm2",), help="the real chat model against its peers "
-        "(loadtest/chatbench.py; its own options: --model smollm2 --help)")
+    add(
+        "--model",
+        choices=("smollm2",),
+        help="the real chat model against its peers "
+        "(loadtest/chatbench.py; its own options: --model smollm2 --help)",
+    )
     add("--requests", type=int, default=48, help="requests per run (48)")
     add("--prompt-len", type=_span, default=(16, 128), help="uniform prompt tokens (16..128)")
     add("--output-len", type=_span, default=(8, 128), help="uniform new tokens (8..128)")
