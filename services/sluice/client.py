@@ -438,7 +438,11 @@ class AsyncClient:
         (`max_new_tokens`, `temperature`, `top_p`, `stop`, `seed`; docs/models.md)."""
         chat = {"messages": [dict(m) for m in messages]}
         job_id = await self.submit(model, chat, params={**params, "stream": False})
-        result = await self.result(job_id, timeout)
+        try:
+            result = await self.result(job_id, timeout)
+        except ResultTimeout:
+            await self.cancel(job_id)  # nobody will read it: the model stops on it
+            raise
         return str(result.output["text"])
 
     async def chat_stream(

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sluice.batching import Batch
 from sluice.errors import JobCancelled, JobExpired, classify
@@ -56,16 +56,18 @@ class ContinuousStage(ModelStage):
         self.max_waiting = max_waiting
         self.aborted = False
         self.cancelled = 0  # jobs dropped mid-generation because they were cancelled
-        # Job id -> when it joined the runner: the jobs in flight. The model thread writes
-        # it; the event loop reads which ids are in flight, so both hold the lock.
-        self._admitted_ms: dict[str, float] = {}
+        # Entry (lane, entry id) -> its job id and when it joined the runner: the jobs in
+        # flight. By entry, not job id: the same id queued twice runs twice (runners/generate
+        # .py). The model thread writes it; the event loop reads which ids are in flight, so
+        # both hold the lock.
+        self._admitted: dict[tuple[int, str], tuple[str, float]] = {}
         self._lock = threading.Lock()
         self._to_cancel: set[str] = set()
 
     def in_flight(self) -> list[str]:
         """The ids of the jobs waiting in or running through the runner; any thread."""
         with self._lock:
-            return list(self._admitted_ms)
+            return list({job_id for job_id, _ in self._admitted.values()})
 
     def cancel(self, job_ids: Collection[str]) -> None:
         """Drops these jobs before the next step (their results exist already: a cancel);
@@ -111,7 +113,7 @@ class ContinuousStage(ModelStage):
             self._send([failed(self.model, job, expired) for job in late])
         with self._lock:
             for item in live:
-                self._admitted_ms[item.job.id] = now_ms
+                self._admitted[_entry(item.job)] = (item.job.id, now_ms)
         if live:
             self.crunner.admit(live)
 
@@ -125,12 +127,16 @@ class ContinuousStage(ModelStage):
             return  # finished (or never admitted) before the cancel was seen
         with self._lock:
             for item in items:
-                self._admitted_ms.pop(item.job.id, None)
+                self._admitted.pop(_entry(item.job), None)
         self.cancelled += len(items)
         log.info("dropped %d cancelled job(s) mid-generation", len(items))
-        # The stored `cancelled` result wins SET NX; the writer pushes it and acks.
+        # "skipped", as a job pulled with its result there already: the stored result (the
+        # cancel's) wins SET NX, the writer pushes it and acks, and none of it counts as a run
+        # of this replica's, nor as a duplicate. The result here is stored only should the
+        # cancel's have expired meanwhile.
         cancelled = JobCancelled("cancelled while it was generated")
-        self._send([failed(self.model, item.job, cancelled) for item in items])
+        outcomes = [failed(self.model, item.job, cancelled) for item in items]
+        self._send([replace(outcome, status="skipped") for outcome in outcomes])
 
     def _step(self) -> None:
         self._started_s = time.monotonic()
@@ -158,7 +164,7 @@ class ContinuousStage(ModelStage):
         job = p.item.job
         done_ms = time.time() * 1000
         with self._lock:
-            admitted_ms = self._admitted_ms.pop(job.id, done_ms)
+            _, admitted_ms = self._admitted.pop(_entry(job), (job.id, done_ms))
         own = p.timings or {}
         timings = {
             "queue_ms": round(job.pulled_ms - job.enqueued_ms, 3),
@@ -183,11 +189,15 @@ class ContinuousStage(ModelStage):
         err = classify(exc)
         for item in items:
             with self._lock:
-                self._admitted_ms.pop(item.job.id, None)
+                self._admitted.pop(_entry(item.job), None)
             out: StageItem = (
                 Retry(item.job, err) if err.retryable else [failed(self.model, item.job, err)]
             )
             self._send(out)
+
+
+def _entry(job: Job) -> tuple[int, str]:
+    return job.lane, job.entry_id
 
 
 def _streams(job: Job) -> bool:

@@ -106,7 +106,20 @@ class TokenStream:
         self._deltas = deltas
         self._final = asyncio.ensure_future(final)
         self._cancel = cancel
-        self._release = release
+        self._release_stream: Callable[[], None] | None = release
+        # Released (its deltas no longer routed here) once the result is in, iterated or not:
+        # a stream nobody reads must not hold a queue in the client for ever.
+        self._final.add_done_callback(self._settled)
+
+    def _release(self) -> None:
+        release, self._release_stream = self._release_stream, None
+        if release is not None:
+            release()
+
+    def _settled(self, final: asyncio.Future[Result]) -> None:
+        if not final.cancelled():
+            final.exception()  # retrieved: a timeout nobody iterated to see is not an error
+        self._release()
 
     @property
     def diverged(self) -> bool:
@@ -145,4 +158,8 @@ class TokenStream:
         """Cancels the job unless it has its final result already; answers the final result."""
         if self._final.done() and not self._final.cancelled() and not self._final.exception():
             return self._final.result()
-        return await self._cancel()
+        try:
+            return await self._cancel()
+        finally:
+            self._release()
+            self._final.cancel()

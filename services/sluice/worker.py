@@ -72,6 +72,7 @@ class WorkerStats:
     write_stalled_since: float | None = None  # monotonic; set while a write keeps failing
     tokens_pushed: int = 0  # streamed text deltas (generation)
     intake_moved: int = 0  # tenants' submits moved from their inboxes into the lanes
+    cancelled_mid_run: int = 0  # generation jobs dropped from the running batch: cancelled
     started_at: float = field(default_factory=time.time)
 
 
@@ -122,6 +123,8 @@ class Worker:
         """The counters so far (batches as the model thread counts them)."""
         self._stats.batches = self._stage.batches
         self._stats.intake_moved = self._intake.stats.moved
+        if isinstance(self._stage, ContinuousStage):
+            self._stats.cancelled_mid_run = self._stage.cancelled
         return self._stats
 
     def work_done(self) -> tuple[int, float]:
@@ -290,8 +293,10 @@ class Worker:
         the running batch within `CANCEL_CHECK_S`, so the model spends no more steps on text
         nobody reads (a gateway's client that hung up mid-stream). One MGET of the in-flight
         jobs' result keys a tick: O(batch), whatever the queue holds."""
+        wait_s = CANCEL_CHECK_S
         while True:
-            await asyncio.sleep(CANCEL_CHECK_S)
+            await asyncio.sleep(wait_s)
+            wait_s = CANCEL_CHECK_S
             job_ids = stage.in_flight()
             if not job_ids:
                 continue
@@ -299,7 +304,8 @@ class Worker:
                 stored = await self.queue.existing_results(job_ids)
             except (RedisError, OSError) as exc:
                 self.stats.redis_errors += 1
-                log.warning("could not check for cancelled jobs (%r); retrying", exc)
+                log.warning("could not check for cancelled jobs (%r); retrying in 5 s", exc)
+                wait_s = 5.0  # an outage (or a wrong ACL) logs now and then, not 4 times a second
                 continue
             answered = [i for i, raw in zip(job_ids, stored, strict=True) if raw is not None]
             if answered:

@@ -343,6 +343,25 @@ def test_a_client_that_hangs_up_mid_stream_cancels_its_job(
     assert deltas() < CAP // 2
 
 
+def test_a_client_that_hangs_up_before_a_whole_answer_cancels_it_too(
+    gateway: Gateway, chat_model: str, r: redis.Redis
+) -> None:
+    """Not streamed: the gateway waits for the result, and notices the hang-up meanwhile
+    (uvicorn does not cancel a handler whose client left)."""
+    story = [{"role": "user", "content": "Write a long story about a whale who sings."}]
+    body = {"model": chat_model, "messages": story, "max_tokens": CAP, "temperature": 0}
+    before = set(r.keys(result_key(chat_model, "*")))
+    url = f"{gateway.url}/v1/chat/completions"
+    with pytest.raises(requests.Timeout):
+        requests.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5)
+
+    def cancelled() -> bool:
+        new = set(r.keys(result_key(chat_model, "*"))) - before
+        return len(new) == 1 and orjson.loads(r.get(new.pop()))["status"] == "cancelled"  # type: ignore[arg-type]
+
+    wait_for(cancelled, 10, what="the hung-up request's job to be cancelled")
+
+
 def test_the_sdk_streams_a_chat_and_a_loop_left_early_cancels_it(
     chat_model: str, producer_url: str, r: redis.Redis
 ) -> None:

@@ -124,3 +124,34 @@ def test_the_token_stream_ends_with_the_result_and_raises_an_error_result() -> N
 
 async def _never() -> Result:
     raise AssertionError("not cancelled")
+
+
+def test_a_stream_nobody_iterates_is_released_when_its_result_comes() -> None:
+    async def run() -> list[str]:
+        released: list[str] = []
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        TokenStream("j", asyncio.Queue(), future, _never, lambda: released.append("j"))
+        late: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        TokenStream("k", asyncio.Queue(), late, _never, lambda: released.append("k"))
+        future.set_result(Result("j", "m", "ok", output={"text": ""}))
+        late.set_exception(TimeoutError("nobody waited"))  # retrieved: no warning at exit
+        await asyncio.sleep(0)
+        return released
+
+    assert sorted(asyncio.run(run())) == ["j", "k"]
+
+
+def test_cancelling_a_stream_releases_it_once() -> None:
+    async def run() -> list[str]:
+        released: list[str] = []
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+        async def cancel() -> Result:
+            return Result("j", "m", "cancelled")
+
+        stream = TokenStream("j", asyncio.Queue(), future, cancel, lambda: released.append("j"))
+        assert (await stream.cancel()).status == "cancelled"
+        await asyncio.sleep(0)
+        return released
+
+    assert asyncio.run(run()) == ["j"]

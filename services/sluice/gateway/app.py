@@ -59,6 +59,7 @@ from sluice.gateway.http import (
     documented,
     install_error_handlers,
     key_check,
+    unless_hung_up,
 )
 from sluice.logs import route_logs
 from sluice.protocol import JOB_ID_RE
@@ -181,10 +182,10 @@ def _add_routes(app: FastAPI, keys: Sequence[SecretStr]) -> None:
         summary="OpenAI-compatible embeddings, through the queue",
     )
     async def embeddings(
-        body: EmbeddingRequest, broker: BrokerDep, tenant: str = tenant_dep
+        body: EmbeddingRequest, request: Request, broker: BrokerDep, tenant: str = tenant_dep
     ) -> Response:
         del tenant  # checked; the jobs' ids are random and never shown, so need no namespace
-        return embeddings_response(body, await broker.embed(body))
+        return embeddings_response(body, await unless_hung_up(request, broker.embed(body)))
 
     @app.post(
         "/v1/chat/completions",
@@ -192,10 +193,10 @@ def _add_routes(app: FastAPI, keys: Sequence[SecretStr]) -> None:
         summary="OpenAI-compatible chat, through the queue; streamed with `stream: true`",
     )
     async def chat_completions(
-        body: ChatCompletionRequest, broker: BrokerDep, tenant: str = tenant_dep
+        body: ChatCompletionRequest, request: Request, broker: BrokerDep, tenant: str = tenant_dep
     ) -> Response:
         del tenant  # as for embeddings: the job's id is random
-        return await (chat.stream if body.stream else chat.complete)(broker, body)
+        return await (chat.stream if body.stream else chat.complete)(broker, body, request)
 
     @app.post(
         "/v1/completions",
@@ -203,10 +204,10 @@ def _add_routes(app: FastAPI, keys: Sequence[SecretStr]) -> None:
         summary="OpenAI-compatible text completion (no chat template), through the queue",
     )
     async def completions(
-        body: CompletionRequest, broker: BrokerDep, tenant: str = tenant_dep
+        body: CompletionRequest, request: Request, broker: BrokerDep, tenant: str = tenant_dep
     ) -> Response:
         del tenant
-        return await (chat.stream if body.stream else chat.complete)(broker, body)
+        return await (chat.stream if body.stream else chat.complete)(broker, body, request)
 
     @app.get(
         "/v1/models",

@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from sluice.errors import SluiceError, from_wire
+from sluice.errors import Internal, JobExpired, ResultTimeout, SluiceError
 from sluice.gateway.broker import Broker
 from sluice.gateway.chat_bodies import ChatCompletionRequest, GenerationRequest
-from sluice.gateway.http import error_body
-from sluice.protocol import Result
+from sluice.gateway.http import error_body, unless_hung_up
+from sluice.protocol import Result, raise_for_status
 from sluice.streaming import TokenStream
 
 # The replica's finish reasons in OpenAI's words: an eos token and a stop string both "stop".
@@ -106,39 +108,70 @@ DONE = b"data: [DONE]\n\n"
 
 
 def finished(result: Result) -> Result:
-    """The ok result, or its error raised (an `expired` job waited past the timeout)."""
-    if result.status == "ok":
-        return result
-    error = result.error or {}
-    if result.status == "expired":
-        error = {"code": "timeout", "message": "not started within the request's timeout"}
-    if result.status == "cancelled":
-        error = {"code": "cancelled", "message": "the job was cancelled"}
-    raise from_wire(error.get("code", "internal"), error.get("message", ""), job_id=result.id)
+    """The ok result, or its error raised, as the gateway answers it (see `gateway_error`)."""
+    try:
+        return raise_for_status(result)
+    except SluiceError as err:
+        raise gateway_error(err) from err
 
 
-async def complete(broker: Broker, request: GenerationRequest) -> Response:
+def gateway_error(err: SluiceError) -> SluiceError:
+    """A job's error as an HTTP caller meets it: a job that expired unstarted is the
+    request's own timeout (504), streamed or not."""
+    if isinstance(err, JobExpired):
+        return ResultTimeout("not started within the request's timeout", job_id=err.job_id)
+    return err
+
+
+async def complete(broker: Broker, request: GenerationRequest, http: Request) -> Response:
     """A non-streamed answer: the job's whole text, once its result came."""
-    result = finished(await broker.complete(request))
+    result = finished(await unless_hung_up(http, broker.complete(request)))
     body = Reply.to(request, result.id).body(result)
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-async def stream(broker: Broker, request: GenerationRequest) -> Response:
+async def stream(broker: Broker, request: GenerationRequest, http: Request) -> Response:
     """A streamed answer, started once the first text (or the final result) is in."""
     tokens = await broker.stream(request)
     texts = aiter(tokens)
     try:
-        first: str | None = await anext(texts)
+        first: str | None = await unless_hung_up(http, anext(texts))
     except StopAsyncIteration:
         first = None  # the whole answer came at once (or it was empty)
+    except SluiceError as err:
+        raise gateway_error(err) from err  # an error result: there is nothing to cancel
     except BaseException:
-        broker.drop(tokens)  # an error result (nothing to cancel), or the caller left
+        broker.drop(tokens)  # the caller left (or this handler was cancelled)
         raise
     reply = Reply.to(request, tokens.job_id)
-    drop = lambda: broker.drop(tokens)  # noqa: E731
-    events = _events(reply, first, texts, tokens, request.include_usage, drop)
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    def close() -> None:
+        if tokens.result is None:
+            broker.drop(tokens)  # the answer is not whole: its reader has gone
+
+    events = _events(reply, first, texts, tokens, request.include_usage)
+    return EventStream(events, close)
+
+
+class EventStream(StreamingResponse):
+    """Server-Sent Events whose `on_close` runs however the response ends: the last event
+    sent, the client gone (whichever way the ASGI server says so: a cancelled body task, or
+    an error from `send`), or never started. Not the body generator's own `finally`: a server
+    that reports a hang-up by an error from `send` leaves the generator unclosed."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._events = events
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            closer = getattr(self._events, "aclose", None)
+            if closer is not None:
+                await closer()
+            self._on_close()
 
 
 async def _events(
@@ -147,10 +180,8 @@ async def _events(
     texts: AsyncIterator[str],
     tokens: TokenStream,
     include_usage: bool,
-    drop: Callable[[], None],
 ) -> AsyncIterator[bytes]:
-    """The SSE body. Its `finally` runs when the client hangs up too (Starlette cancels the
-    body's task then): a job whose answer is not whole is cancelled."""
+    """The SSE body: the role, the pieces of text, the finish reason (and usage), [DONE]."""
     try:
         if reply.kind == "chat":
             yield reply.chunk("", role=True)  # OpenAI's first chunk: the role, no text
@@ -160,13 +191,17 @@ async def _events(
             yield reply.chunk(text)
         result = tokens.result
         assert result is not None  # the iteration ends with the result, or raises
+        if tokens.diverged:
+            # A retry regenerated the answer differently from what was streamed (streaming.py):
+            # a finish reason here would present a wrong text as whole.
+            raise Internal(
+                "the job was retried after its replica failed, and the retry's text differs "
+                "from what was streamed; its whole answer is its stored result"
+            )
         yield reply.chunk(None, finish=FINISH_REASONS.get(result.output["finish_reason"], "stop"))
         if include_usage:
             yield reply.usage_chunk(result)
     except SluiceError as err:
         # Headers are gone: the error goes in the stream, in the one error shape.
-        yield event(error_body(err))
-    finally:
-        if tokens.result is None:
-            drop()
+        yield event(error_body(gateway_error(err)))
     yield DONE

@@ -20,13 +20,16 @@ from sluice.gateway.bodies import ModelName
 
 MAX_MESSAGES = 256  # runners/generate.py's limit
 MAX_STOPS = 4
-Stop = Annotated[str, Field(min_length=1)]
+MAX_STOP_CHARS = 256  # runners/generate.py's limit: every step looks for each one
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 # A field OpenAI defines that Sluice takes only at its no-op value (the bounds say which).
 NO_OP = "not supported: only its no-op value is accepted"
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields ignored, but known ones strictly typed: `"stream": "yes"` or
+    # `"seed": 1.5` is a 400, as the schema says, not a guess.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Lenient):
@@ -137,7 +140,7 @@ class CompletionRequest(_Sampling):
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
     ) = Field(description="a text (a list of one text is taken too; not token arrays)")
-    max_tokens: int = Field(16, ge=1, description="OpenAI's default for completions: 16")
+    max_tokens: int | None = Field(16, ge=1, description="OpenAI's default for completions: 16")
     echo: Literal[False] = Field(False, description=NO_OP)
     best_of: Literal[1] | None = Field(None, description=NO_OP)
     suffix: str | None = Field(None, max_length=0, description=NO_OP)
@@ -155,7 +158,7 @@ class CompletionRequest(_Sampling):
         return {"prompt": prompt}
 
     def job_params(self) -> dict[str, Any]:
-        return self.params(self.max_tokens)
+        return self.params(self.max_tokens or 16)
 
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest

@@ -8,12 +8,13 @@ error type, for OpenAI clients, which read `error.message` and branch on `error.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request, Security
@@ -72,6 +73,33 @@ def error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+HANG_UP_CHECK_S = 0.25
+T = TypeVar("T")
+
+
+class HungUp(Exception):
+    """The client disconnected before its answer: nobody reads a response any more."""
+
+
+async def unless_hung_up(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s value, or `HungUp` as soon as the client disconnects, `work` cancelled (its
+    own cleanup cancels its jobs). Uvicorn tells an app that its client left, but does not
+    cancel the handler (Serve does): without this, a hung-up request would hold its jobs, and
+    the model, for its whole timeout."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=HANG_UP_CHECK_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                await asyncio.wait({task})
+                raise HungUp
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()  # this handler was cancelled itself: so is its work
+
+
 def status_of(err: SluiceError) -> int:
     """The HTTP status of the code's row in errors.TABLE."""
     spec = TABLE.get(err.code)
@@ -104,6 +132,11 @@ def install_error_handlers(app: FastAPI, options: GatewayOptions) -> None:
 
     def respond(err: SluiceError) -> Response:
         return error_response(err, retry_after_s=options.retry_after_s)
+
+    async def hung_up(_: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+    app.add_exception_handler(HungUp, hung_up)
 
     async def sluice_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, SluiceError)

@@ -7,7 +7,8 @@ assistant). Params (all optional):
     max_new_tokens  1 .. the model's `max_new_tokens` setting (default: that setting)
     temperature     0 (greedy, the default) .. 2
     top_p           (0, 1], nucleus sampling when temperature > 0 (default 1)
-    stop            a string or a list of up to 4 non-empty strings: the output ends before one
+    stop            a string or a list of up to 4 strings of 1 to 256 characters: the output
+                    ends before the first one
     seed            an integer: the same seed, prompt and settings give the same text
     stream          true (default) / false: push text deltas to `reply_to` as they come
     ignore_eos      true / false (default): generate `max_new_tokens` even past an end-of-
@@ -53,6 +54,7 @@ PARAMS = frozenset(
     {"max_new_tokens", "temperature", "top_p", "stop", "seed", "stream", "ignore_eos"}
 )
 MAX_STOPS = 4
+MAX_STOP_CHARS = 256  # each step looks for every stop string in the text's tail
 MAX_MESSAGES = 256
 ROLES = frozenset({"system", "user", "assistant"})
 
@@ -271,9 +273,10 @@ def _stops(value: Any) -> tuple[str, ...]:
     if (
         not isinstance(stops, list)
         or not 1 <= len(stops) <= MAX_STOPS
-        or not all(isinstance(s, str) and s for s in stops)
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
     ):
         raise InvalidParams(
-            f"params.stop must be a non-empty string or a list of 1 to {MAX_STOPS} of them"
+            f"params.stop must be a string of 1 to {MAX_STOP_CHARS} characters or a list of "
+            f"1 to {MAX_STOPS} of them"
         )
     return tuple(stops)
