@@ -87,6 +87,10 @@ bench-chat: install llama-server
 # (no other registry is reachable), for bench-chat. ~5 minutes on 2 cores.
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_DIR := .cache/llama.cpp
+# Native code, but no AMX tiles: a sandboxed or virtual CPU may list AMX and still fault on
+# `tilezero` (SIGILL here: the kernel did not grant the tile state). PyTorch asks first and
+# falls back; ggml's AMX kernels do not.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 llama-server: $(LLAMA_DIR)/build/bin/llama-server
 
 $(LLAMA_DIR)/build/bin/llama-server:
@@ -97,7 +101,8 @@ $(LLAMA_DIR)/build/bin/llama-server:
 	  --strip-components=3 llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
 	cmake -S $(LLAMA_DIR)/src -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release \
 	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	  -DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=ON
+	  -DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=ON \
+	  -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
 	cmake --build $(LLAMA_DIR)/build --target llama-server -j$$(nproc)
 
 # Autoscaling (issue 7): burst reaction and cold start, then Redis' CPU per job.
