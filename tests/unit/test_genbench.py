@@ -22,3 +22,29 @@ def test_genbench_tiny_reports_both_paths_and_passes_the_spot_check(tmp_path, ca
         assert run["per_request"]["output_len"] == asked
     assert report["spot_check"]["checked"] and report["spot_check"]["passed"]
     assert "ratio continuous ÷ static" in capsys.readouterr().out
+
+
+def test_chatbench_figures_count_tokens_slo_and_ratios() -> None:
+    from argparse import Namespace
+
+    from loadtest.chatbench import figures, summary
+    from loadtest.chatsystems import Record, Req
+
+    ns = Namespace(slo_ttft_ms=1000.0, slo_tpot_ms=100.0)
+    reqs = [Req(f"q{i}", [], [1], 11, 0.0) for i in range(4)]
+    # Sent at 0; first text at 0.5 s (two of them at 2 s: over the TTFT SLO); 10 more
+    # tokens 50 ms apart, or 200 ms apart for the last one (over the TPOT SLO).
+    records = [
+        Record(0.0, 0.5, 1.0, 11),
+        Record(0.0, 0.5, 1.0, 11),
+        Record(0.0, 2.0, 2.5, 11),
+        Record(0.0, 0.5, 2.5, 11),
+    ]
+    out = figures(reqs, records, ns)
+    assert out["tokens"] == 44 and out["wall_s"] == 2.5
+    assert out["tokens_per_s"] == 44 / 2.5 and out["requests_short"] == 0
+    assert out["slo_met_share"] == 0.5 and out["goodput_requests_per_s"] == 2 / 2.5
+    assert out["ttft_p50_ms"] == 500.0
+    twice = {**out, "tokens_per_s": 2 * out["tokens_per_s"]}
+    rows = dict(summary([{"sluice": twice, "static": out}], ["sluice", "static"]))
+    assert rows["**Sluice ÷ static, tokens/s**"] == [2.0]
