@@ -80,3 +80,23 @@ def test_a_cancel_of_a_finished_job_is_a_no_op(runner: GenerateRunner, tmp_path:
     stage.cancel(["nobody"])
     stage._drop_cancelled()
     assert emitted == [] and stage.cancelled == 0
+
+
+def test_the_gate_measures_the_perplexity_ratio(tmp_path: Path) -> None:
+    """The generate gate's metric: fp32's perplexity on the probe texts over the candidate's.
+    The same model scores 1; a damaged copy (noise on its weights) scores below 1."""
+    import torch
+
+    folder = build_tiny_generator(tmp_path / "m")
+    settings = ModelSettings(name="g", task="generate", model_path=str(folder), dtype="fp32")
+    runner = GenerateRunner(settings)
+    runner.load()
+    assert runner.quality_metric == "perplexity_ratio"
+    reference = runner.probe()
+    assert reference.ndim == 0 and float(reference) > 0  # a mean NLL, in nats
+    assert runner.quality(reference, runner.probe()) == pytest.approx(1.0)
+    assert runner.model is not None
+    with torch.no_grad():
+        for param in runner.model.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    assert runner.quality(reference, runner.probe()) < 0.9

@@ -12,6 +12,7 @@ avx512_bf16 CPU, while the old `torch.ao` qint8 path was as fast and fell to 0.9
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -107,7 +108,7 @@ def load_gated(runner: Runner) -> Precision:
     reference = runner.probe()
     fp32_model = runner.model
     try:
-        runner.model = _candidate(runner, dtype, quant)
+        runner.model = _candidate(runner, dtype, quant, base=fp32_model)
         verdict.score = float(runner.quality(reference, runner.probe()))
     except (RuntimeError, NotImplementedError) as exc:  # e.g. fp16 kernels missing on a CPU
         verdict.reason = f"{why}, but it failed on the probe set: {exc}"
@@ -124,6 +125,13 @@ def load_gated(runner: Runner) -> Precision:
     return verdict
 
 
-def _candidate(runner: Runner, dtype: str, quant: str) -> torch.nn.Module:
-    model = runner.build_model(DTYPES[dtype])
+def _candidate(
+    runner: Runner, dtype: str, quant: str, base: torch.nn.Module | None = None
+) -> torch.nn.Module:
+    """The candidate model: a cast copy of `base` (the fp32 reference the gate loaded: no
+    second load, which for a GGUF file means dequantising it all again), else a fresh load."""
+    if base is not None:
+        model = copy.deepcopy(base).to(DTYPES[dtype])
+    else:
+        model = runner.build_model(DTYPES[dtype])
     return quantize_int8(model) if quant == "int8" else model
