@@ -17,6 +17,9 @@ unrecorded warm-up each:
   HTTP, admission, the stream, the replica, the reply stream, SSE.
 * **llama.cpp**: its `llama-server` on the same GGUF file (Q4_1 weights, as they are),
   `--parallel` = `--concurrency` slots, `--threads`; the same `openai` client, streamed.
+* **batcher**: Sluice's scheduler (`runners/decoding.py`) in this process, fed directly: the
+  bare model under continuous batching (Sluice ÷ batcher is what the queue, the replica's
+  pipeline, the gateway and HTTP cost).
 * **static**: transformers' `generate` in this process on the same fp32 weights, static batches
   of the requests waiting (up to `--concurrency`); a batch runs to its longest request.
 * **cb**: transformers' own continuous batching (`init_continuous_batching`), in this process.
@@ -50,6 +53,7 @@ from tqdm import tqdm
 
 from loadtest.chatsystems import (
     MODEL,
+    Batcher,
     LlamaCpp,
     Record,
     Req,
@@ -63,7 +67,7 @@ from loadtest.report import _save, machine_info, print_medians, report_file, sav
 Json = dict[str, Any]
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_SERVER = ROOT / ".cache" / "llama.cpp" / "build" / "bin" / "llama-server"
-SYSTEMS = ("sluice", "llama.cpp", "static", "cb")
+SYSTEMS = ("sluice", "batcher", "llama.cpp", "static", "cb")
 DOCUMENT = (
     "The river rises in the hills above the town, where a dozen small streams meet in a "
     "marshy valley. For most of the year it is slow and shallow, and children wade across it "
@@ -240,9 +244,11 @@ def start(name: str, ns: argparse.Namespace) -> Any:
     if name == "llama.cpp":
         return LlamaCpp(ns)
     model, tokenizer = hf_model(ns)
-    return (
-        Static(ns, model, tokenizer) if name == "static" else TransformersCB(ns, model, tokenizer)
-    )
+    if name == "batcher":
+        return Batcher(ns, model, tokenizer)
+    if name == "static":
+        return Static(ns, model, tokenizer)
+    return TransformersCB(ns, model, tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -355,6 +355,59 @@ class Static:
         pass
 
 
+class Batcher:
+    """Sluice's own scheduler (`runners/decoding.py`) in this process, fed directly: the bare
+    model under continuous batching, with no queue, replica pipeline, gateway or HTTP. Sluice
+    ÷ this is what the rest of the system costs."""
+
+    name = "batcher"
+
+    def __init__(self, ns: argparse.Namespace, model: Any, tokenizer: Any) -> None:
+        from sluice.runners.decoding import ContinuousBatcher
+
+        self.batcher = ContinuousBatcher(model, tokenizer, max_batch=ns.concurrency)
+
+    def run(self, reqs: Sequence[Req], ns: argparse.Namespace, bar: Any = None) -> list[Record]:
+        from sluice.runners.decoding import GenRequest
+
+        bar = bar or _NoBar()
+        start = time.perf_counter()
+        sent: dict[str, float] = {}
+        first: dict[str, float] = {}
+        out: dict[str, Record] = {}
+        waiting = list(reqs)
+
+        def add(req: Req, at: float) -> None:
+            sent[req.key] = at
+            self.batcher.add(GenRequest(req.key, req.prompt_ids, req.max_tokens, ignore_eos=True))
+
+        if not ns.rate:
+            for _ in range(min(ns.concurrency, len(waiting))):
+                add(waiting.pop(0), start)
+        while len(out) < len(reqs):
+            now = time.perf_counter()
+            while ns.rate and waiting and start + waiting[0].arrival_s <= now:
+                req = waiting.pop(0)
+                add(req, start + req.arrival_s)
+            if self.batcher.idle:
+                time.sleep(max(0.0, start + waiting[0].arrival_s - now))
+                continue
+            with torch.inference_mode():
+                events = self.batcher.step()
+            end = time.perf_counter()
+            for e in events:
+                first.setdefault(e.key, end)
+                if e.finished:
+                    out[e.key] = Record(sent[e.key], first[e.key], end, e.generated)
+                    bar.update()
+                    if not ns.rate and waiting:  # the closed loop: its client sends again
+                        add(waiting.pop(0), end)
+        return [out[r.key] for r in reqs]
+
+    def close(self) -> None:
+        pass
+
+
 class TransformersCB:
     """transformers' own continuous batching manager, fed as the load says."""
 
