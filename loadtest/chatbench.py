@@ -82,6 +82,11 @@ DOCUMENT = (
     "them retired this winter, and the council is now arguing about whether to replace him "
     "with an automatic gate, a warning system connected to the internet, or nothing at all. "
 )
+# ~300 tokens that every request of `--shared-prompt` begins with: prefix caching's case.
+SHARED_SYSTEM_PROMPT = (
+    "You answer questions from the people of a small river town. Here is what you know about "
+    f"the town and its river; use it when it helps, and say so when it does not.\n\n{DOCUMENT}"
+)
 PROMPTS = [
     "What is the capital of France?",
     "Name three animals that live in the ocean.",
@@ -109,6 +114,8 @@ def workload(tokenizer: Any, ns: argparse.Namespace, n: int, seed: int) -> list[
     reqs = []
     for i in range(n):
         messages = [{"role": "user", "content": PROMPTS[int(rng.integers(len(PROMPTS)))]}]
+        if ns.shared_prompt:
+            messages.insert(0, {"role": "system", "content": SHARED_SYSTEM_PROMPT})
         ids: Any = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True
         )
@@ -212,6 +219,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--concurrency", type=int, default=8, help="clients, slots, batch size (8)")
     add("--rate", type=float, default=0.0, help="Poisson requests/s instead of a closed loop")
     add("--threads", type=int, default=2, help="threads of every system (2)")
+    add(
+        "--shared-prompt",
+        action="store_true",
+        help="every request begins with the same ~300-token system prompt",
+    )
+    add(
+        "--prefix-cache-tokens",
+        type=int,
+        default=4096,
+        help="sluice's and batcher's prefix cache (4096; 0: off)",
+    )
     add(
         "--dtype",
         choices=("fp32", "auto", "bf16"),

@@ -150,6 +150,7 @@ class Sluice:
             torch_threads=ns.threads,
             max_batch_size=ns.concurrency,
             max_new_tokens=ns.output_len[1],
+            prefix_cache_tokens=ns.prefix_cache_tokens,
         )
         self.pipe, theirs = mp.get_context("spawn").Pipe()
         self.replica = mp.get_context("spawn").Process(
@@ -365,7 +366,9 @@ class Batcher:
     def __init__(self, ns: argparse.Namespace, model: Any, tokenizer: Any) -> None:
         from sluice.runners.decoding import ContinuousBatcher
 
-        self.batcher = ContinuousBatcher(model, tokenizer, max_batch=ns.concurrency)
+        self.batcher = ContinuousBatcher(
+            model, tokenizer, max_batch=ns.concurrency, prefix_cache_tokens=ns.prefix_cache_tokens
+        )
 
     def run(self, reqs: Sequence[Req], ns: argparse.Namespace, bar: Any = None) -> list[Record]:
         from sluice.runners.decoding import GenRequest

@@ -132,6 +132,13 @@ class ModelSettings(BaseModel):
     max_new_tokens: int = Field(
         256, ge=1, le=32_768, description="generate: the cap (and default) of tokens per job"
     )
+    prefix_cache_tokens: int = Field(
+        4096,
+        ge=0,
+        le=1 << 20,
+        description="generate: prompt tokens whose keys and values are kept for later prompts "
+        "that begin the same way (a shared system prompt); 0: off",
+    )
 
     @field_validator("name")
     @classmethod
@@ -239,9 +246,11 @@ class GatewayOptions(BaseModel):
         30.0, gt=0, le=3600, description="/v1/embeddings waits this long for results (504)"
     )
     generation_timeout_s: float = Field(
-        300.0, gt=0, le=86400,
+        300.0,
+        gt=0,
+        le=86400,
         description="/v1/chat/completions and /v1/completions: the whole answer's time (504)",
-    )  # fmt: skip
+    )
     retry_after_s: int = Field(1, ge=1, le=3600, description="the Retry-After of a 429")
 
     @field_validator("models", mode="before")

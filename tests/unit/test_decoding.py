@@ -228,3 +228,58 @@ def test_delta_holds_back_partial_chars_and_stop_prefixes() -> None:
     assert _delta("say ENDING", "say ", ("END",), None) == ("", "stop")
     assert _delta("say EN", "say ", ("END",), "length") == ("EN", "length")
     assert _delta("ab\ufffd", "a", (), "eos") == ("b\ufffd", "eos")
+
+
+SHARED = (
+    "continuous batching keeps the accelerator busy and the queue short; "
+    "the quick brown fox jumps over the lazy dog near the sluice gate. "
+)
+
+
+def test_prefix_cache_reuses_shared_beginnings_and_changes_no_token(model, tokenizer) -> None:
+    """Newcomers that begin like earlier prompts prefill only the rest (their first blocks
+    come from the cache), alone or with others, whatever their padding; every request's
+    greedy tokens are still `generate`'s."""
+    from sluice.runners.prefixes import BLOCK
+
+    batcher = ContinuousBatcher(
+        model, tokenizer, max_batch=8, eos_token_ids=(), prefix_cache_tokens=4096
+    )
+    assert batcher.prefixes is not None
+    tails = ["a stream", "fox", "naïve café and the gate", "the", "queue short", "x"]
+    requests = [
+        GenRequest(f"p{i}", prompt(tokenizer, SHARED + tail), 6 + i) for i, tail in enumerate(tails)
+    ]
+    assert len(requests[0].prompt_ids) > 2 * BLOCK
+    unrelated = GenRequest("u", prompt(tokenizer, "naïve café"), 5)
+    events: list[GenEvent] = []
+    batcher.add(requests[0])  # a first prefill: nothing cached yet
+    events += batcher.step()
+    assert batcher.prefixes.hits == 0 and len(batcher.prefixes) >= 2
+    batcher.add(requests[1])  # joins the running batch from the cache
+    events += batcher.step()
+    assert batcher.prefixes.hits >= 2 * BLOCK
+    for request in [*requests[2:], unrelated]:  # several at once, and one with no hit
+        batcher.add(request)
+    events += drain(batcher)
+    by_key = collect(events)
+    for request in [*requests, unrelated]:
+        want = greedy(model, request.prompt_ids, request.max_new_tokens)
+        assert ids_of(by_key[request.key]) == want, request.key
+    assert batcher.prefixes.hits >= 5 * 2 * BLOCK
+    assert batcher.cache_len == 0
+
+
+def test_a_tiny_prefix_cache_evicts_and_stays_correct(model, tokenizer) -> None:
+    from sluice.runners.prefixes import BLOCK
+
+    batcher = ContinuousBatcher(
+        model, tokenizer, max_batch=2, eos_token_ids=(), prefix_cache_tokens=BLOCK
+    )
+    assert batcher.prefixes is not None
+    for i, tail in enumerate(["one", "two", "three", "four"]):
+        request = GenRequest(f"e{i}", prompt(tokenizer, f"{tail} {SHARED}"), 4)
+        batcher.add(request)
+        got = ids_of(collect(drain(batcher))[request.key])
+        assert got == greedy(model, request.prompt_ids, 4)
+        assert len(batcher.prefixes) <= 1

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from sluice.runners.prefixes import Hit, PrefixCache
+
 log = logging.getLogger(__name__)
 
 
@@ -83,6 +85,8 @@ class ContinuousBatcher:
         device: Where input tensors go; defaults to `model.device`.
         eos_token_ids: Token ids that end a sequence; None takes the model's and tokenizer's,
             an empty collection disables eos.
+        prefix_cache_tokens: Prompt tokens whose keys and values are kept for newcomers that
+            begin the same way (prefixes.py); 0 turns prefix caching off.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class ContinuousBatcher:
         max_batch_tokens: int = 4096,
         device: torch.device | None = None,
         eos_token_ids: Collection[int] | None = None,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -103,6 +108,7 @@ class ContinuousBatcher:
         self._eos = set(_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
         self._pad_id = int(tokenizer.pad_token_id or 0)
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         _check_cache(model)
         if model.training:
             log.warning("model is in training mode; dropout makes decoding nondeterministic")
@@ -180,12 +186,35 @@ class ContinuousBatcher:
                 logits = self._decode()
                 events += self._advance_all(self._rows, logits)
                 self._keep([i for i, s in enumerate(self._rows) if s.finish_reason is None])
-            admitted = self._admit()
-            if admitted:
-                logits, cache, mask = self._prefill(admitted)
-                events += self._advance_all(admitted, logits)
-                self._merge(admitted, cache, mask)
+            for group, hit in self._groups(self._admit()):
+                logits, cache, mask = self._prefill(group, hit)
+                events += self._advance_all(group, logits)
+                self._remember(group, cache, mask)
+                self._merge(group, cache, mask)
             return events
+
+    def _groups(self, seqs: list[_Seq]) -> list[tuple[list[_Seq], Hit | None]]:
+        """Newcomers grouped by the cached prompt beginning they share (one prefill each)."""
+        if not seqs:
+            return []
+        if self.prefixes is None:
+            return [(seqs, None)]
+        groups: dict[int | None, tuple[list[_Seq], Hit | None]] = {}
+        for seq in seqs:
+            hit = self.prefixes.lookup(seq.req.prompt_ids)
+            groups.setdefault(None if hit is None else hit.key, ([], hit))[0].append(seq)
+        return list(groups.values())
+
+    def _remember(self, seqs: list[_Seq], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Keeps the newcomers' prompt blocks for later ones that begin the same way."""
+        if self.prefixes is None:
+            return
+        layers = [(layer.keys, layer.values) for layer in _layers(cache)]
+        if any(k is None or v is None for k, v in layers):
+            return
+        for row, seq in enumerate(seqs):
+            columns = mask[row].nonzero().flatten()  # the prompt's tokens, in order
+            self.prefixes.store(seq.req.prompt_ids, columns, row, layers)  # type: ignore[arg-type]
 
     def _admit(self) -> list[_Seq]:
         taken: list[GenRequest] = []
@@ -205,15 +234,31 @@ class ContinuousBatcher:
             for r, seed in zip(taken, seeds, strict=True)
         ]
 
-    def _prefill(self, seqs: list[_Seq]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
-        width = max(len(s.req.prompt_ids) for s in seqs)
-        rows = [torch.tensor(s.req.prompt_ids, dtype=torch.long) for s in seqs]
+    def _prefill(
+        self, seqs: list[_Seq], hit: Hit | None = None
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """One forward pass over the newcomers' prompts, after a cached beginning they share
+        (`hit`): its keys and values start the cache, and only what follows is computed. Rows
+        are [beginning][padding][rest of the prompt]: the mask says which columns are real."""
+        done = 0 if hit is None else hit.tokens
+        width = max(len(s.req.prompt_ids) - done for s in seqs)
+        rows = [torch.tensor(s.req.prompt_ids[done:], dtype=torch.long) for s in seqs]
         ids = torch.stack([F.pad(r, (width - len(r), 0), value=self._pad_id) for r in rows])
         mask = torch.stack([F.pad(torch.ones_like(r), (width - len(r), 0)) for r in rows])
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        # Positions count real tokens only, so a left-padded row sees the same ones as unpadded.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model.config)
+        if hit is not None:
+            assert self.prefixes is not None
+            begun = self.prefixes.keys_values(seqs[0].req.prompt_ids, hit)
+            for layer, (keys, values) in zip(_layers(cache), begun, strict=True):
+                n = len(seqs)
+                layer.update(
+                    keys.expand(n, -1, -1, -1).to(self.device).contiguous(),
+                    values.expand(n, -1, -1, -1).to(self.device).contiguous(),
+                )
+            mask = torch.cat([torch.ones(len(seqs), done, dtype=mask.dtype), mask], dim=1)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        # Positions count real tokens only, so a padded row sees the same ones as unpadded.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, done:]
         extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_logits else {}
         logits = self._forward(
             cache, input_ids=ids, attention_mask=mask, position_ids=positions, **extra
@@ -262,9 +307,10 @@ class ContinuousBatcher:
         self._trim()
 
     def _trim(self) -> None:
-        # Rows are left-padded, so the columns every row pads are a prefix.
+        # Drops the leading columns that every row pads (a row may also pad in its middle,
+        # between a cached beginning and the rest of its prompt: those columns stay).
         assert self._cache is not None and self._mask is not None
-        lead = int((self._mask.shape[1] - self._mask.sum(-1)).min())
+        lead = int(self._mask.any(0).int().argmax())
         if lead == 0:
             return
         for layer in _layers(self._cache):

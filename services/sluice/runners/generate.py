@@ -98,6 +98,7 @@ class GenerateRunner(ContinuousRunner):
             max_batch=self.settings.max_batch_size,
             max_batch_tokens=self.settings.max_batch_tokens,
             device=self.device,
+            prefix_cache_tokens=self.settings.prefix_cache_tokens,
         )
 
     # -- the quality gate ----------------------------------------------------------------------
