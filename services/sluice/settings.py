@@ -139,6 +139,13 @@ class ModelSettings(BaseModel):
         description="generate: prompt tokens whose keys and values are kept for later prompts "
         "that begin the same way (a shared system prompt); 0: off",
     )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=0,
+        le=1 << 20,
+        description="generate: a longer prompt is prefilled this many tokens a step, so that "
+        "running streams keep getting tokens meanwhile (chunked prefill); 0: whole prompts",
+    )
 
     @field_validator("name")
     @classmethod

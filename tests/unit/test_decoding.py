@@ -283,3 +283,37 @@ def test_a_tiny_prefix_cache_evicts_and_stays_correct(model, tokenizer) -> None:
         got = ids_of(collect(drain(batcher))[request.key])
         assert got == greedy(model, request.prompt_ids, 4)
         assert len(batcher.prefixes) <= 1
+
+
+def test_chunked_prefill_keeps_running_streams_going(model, tokenizer) -> None:
+    """A prompt longer than a chunk is prefilled a chunk a step; a stream that is running
+    gets a token at every one of those steps; both equal `generate` token for token, and a
+    newcomer that begins like the long prompt finds its blocks once it is in."""
+    chunk = 16
+    batcher = ContinuousBatcher(
+        model, tokenizer, eos_token_ids=(), prefix_cache_tokens=4096, prefill_chunk_tokens=chunk
+    )
+    running = GenRequest("running", prompt(tokenizer, "a stream"), 40)
+    long_ids = prompt(tokenizer, SHARED * 3)
+    assert len(long_ids) > 5 * chunk
+    long = GenRequest("long", long_ids, 5)
+    batcher.add(running)
+    events = batcher.step()
+    batcher.add(long)
+    steps_to_first = 0
+    while not any(e.key == "long" for e in events[-1:]) and steps_to_first < 50:
+        step = batcher.step()
+        steps_to_first += 1
+        assert any(e.key == "running" for e in step), "the running stream stalled"
+        events += step
+        if any(e.key == "long" for e in step):
+            break
+    assert steps_to_first == -(-len(long_ids) // chunk)  # one chunk a step
+    later = GenRequest("later", prompt(tokenizer, SHARED * 3 + " fox"), 3)
+    batcher.add(later)
+    events += drain(batcher)
+    by_key = collect(events)
+    for request in (running, long, later):
+        want = greedy(model, request.prompt_ids, request.max_new_tokens)
+        assert ids_of(by_key[request.key]) == want, request.key
+    assert batcher.prefixes is not None and batcher.prefixes.hits >= len(long_ids) - chunk

@@ -71,6 +71,16 @@ class _Seq:
     finish_reason: str | None = None
 
 
+@dataclass(slots=True)
+class _Fill:
+    """A newcomer whose prompt is longer than a step's prefill chunk: prefilled a chunk a step,
+    in a cache of its own, so that the running rows still get a token every step."""
+
+    seq: _Seq
+    cache: DynamicCache
+    done: int  # prompt tokens in its cache so far
+
+
 class ContinuousBatcher:
     """Schedules generation requests onto one batched forward pass per step.
 
@@ -87,6 +97,9 @@ class ContinuousBatcher:
             an empty collection disables eos.
         prefix_cache_tokens: Prompt tokens whose keys and values are kept for newcomers that
             begin the same way (prefixes.py); 0 turns prefix caching off.
+        prefill_chunk_tokens: The most prompt tokens of long prompts prefilled in one step: a
+            longer prompt is prefilled over several steps (chunked prefill), between which the
+            running rows decode; 0 prefills every prompt whole.
     """
 
     def __init__(
@@ -99,6 +112,7 @@ class ContinuousBatcher:
         device: torch.device | None = None,
         eos_token_ids: Collection[int] | None = None,
         prefix_cache_tokens: int = 0,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -109,6 +123,7 @@ class ContinuousBatcher:
         self._pad_id = int(tokenizer.pad_token_id or 0)
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         _check_cache(model)
         if model.training:
             log.warning("model is in training mode; dropout makes decoding nondeterministic")
@@ -118,6 +133,7 @@ class ContinuousBatcher:
         self._cancelled: set[str] = set()
         # Owned by the model thread only.
         self._rows: list[_Seq] = []
+        self._fills: list[_Fill] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
 
@@ -181,17 +197,68 @@ class ContinuousBatcher:
             self._active_keys -= cancelled
         with torch.inference_mode():
             self._keep([i for i, s in enumerate(self._rows) if s.req.key not in cancelled])
+            self._fills = [f for f in self._fills if f.seq.req.key not in cancelled]
             events: list[GenEvent] = []
             if self._rows:
                 logits = self._decode()
                 events += self._advance_all(self._rows, logits)
                 self._keep([i for i, s in enumerate(self._rows) if s.finish_reason is None])
             for group, hit in self._groups(self._admit()):
-                logits, cache, mask = self._prefill(group, hit)
-                events += self._advance_all(group, logits)
-                self._remember(group, cache, mask)
-                self._merge(group, cache, mask)
+                group = self._set_aside_long(group, hit)
+                if group:
+                    logits, cache, mask = self._prefill(group, hit)
+                    self._joined(group, logits, cache, mask, events)
+            self._fill_step(events)
             return events
+
+    def _joined(
+        self,
+        seqs: list[_Seq],
+        logits: torch.Tensor,
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        events: list[GenEvent],
+    ) -> None:
+        """Newcomers whose prompts are in: their first tokens, then into the running batch."""
+        events += self._advance_all(seqs, logits)
+        self._remember(seqs, cache, mask)
+        self._merge(seqs, cache, mask)
+
+    def _set_aside_long(self, group: list[_Seq], hit: Hit | None) -> list[_Seq]:
+        """Moves the prompts longer than a chunk (after any cached beginning) to `_fills`;
+        returns the rest, prefilled whole this step."""
+        chunk = self.prefill_chunk_tokens
+        done = 0 if hit is None else hit.tokens
+        if chunk <= 0:
+            return group
+        short = []
+        for seq in group:
+            if len(seq.req.prompt_ids) - done > chunk:
+                self._fills.append(_Fill(seq, self._start_cache(1, seq, hit), done))
+            else:
+                short.append(seq)
+        return short
+
+    def _fill_step(self, events: list[GenEvent]) -> None:
+        """Prefills up to one chunk of the long prompts waiting, oldest first; one whose prompt
+        is all in gets its first token and joins the running batch."""
+        budget = self.prefill_chunk_tokens
+        while self._fills and budget > 0:
+            fill = self._fills[0]
+            prompt = fill.seq.req.prompt_ids
+            n = min(budget, len(prompt) - fill.done)
+            ids = torch.tensor([prompt[fill.done : fill.done + n]], device=self.device)
+            mask = torch.ones(1, fill.done + n, dtype=torch.long, device=self.device)
+            positions = torch.arange(fill.done, fill.done + n, device=self.device)[None]
+            extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_logits else {}
+            logits = self._forward(
+                fill.cache, input_ids=ids, attention_mask=mask, position_ids=positions, **extra
+            )
+            fill.done += n
+            budget -= n
+            if fill.done == len(prompt):
+                self._fills.pop(0)
+                self._joined([fill.seq], logits, fill.cache, mask, events)
 
     def _groups(self, seqs: list[_Seq]) -> list[tuple[list[_Seq], Hit | None]]:
         """Newcomers grouped by the cached prompt beginning they share (one prefill each)."""
@@ -216,11 +283,14 @@ class ContinuousBatcher:
             columns = mask[row].nonzero().flatten()  # the prompt's tokens, in order
             self.prefixes.store(seq.req.prompt_ids, columns, row, layers)  # type: ignore[arg-type]
 
+    def _slots_taken(self) -> int:
+        return len(self._rows) + len(self._fills)
+
     def _admit(self) -> list[_Seq]:
         taken: list[GenRequest] = []
         width = 0
         with self._lock:
-            while self._pending and len(self._rows) + len(taken) < self.max_batch:
+            while self._pending and self._slots_taken() + len(taken) < self.max_batch:
                 # Prefill pads every newcomer to the longest, so that is what the budget counts.
                 width = max(width, len(self._pending[0].prompt_ids))
                 if taken and (len(taken) + 1) * width > self.max_batch_tokens:
@@ -245,16 +315,8 @@ class ContinuousBatcher:
         rows = [torch.tensor(s.req.prompt_ids[done:], dtype=torch.long) for s in seqs]
         ids = torch.stack([F.pad(r, (width - len(r), 0), value=self._pad_id) for r in rows])
         mask = torch.stack([F.pad(torch.ones_like(r), (width - len(r), 0)) for r in rows])
-        cache = DynamicCache(config=self._model.config)
+        cache = self._start_cache(len(seqs), seqs[0], hit)
         if hit is not None:
-            assert self.prefixes is not None
-            begun = self.prefixes.keys_values(seqs[0].req.prompt_ids, hit)
-            for layer, (keys, values) in zip(_layers(cache), begun, strict=True):
-                n = len(seqs)
-                layer.update(
-                    keys.expand(n, -1, -1, -1).to(self.device).contiguous(),
-                    values.expand(n, -1, -1, -1).to(self.device).contiguous(),
-                )
             mask = torch.cat([torch.ones(len(seqs), done, dtype=mask.dtype), mask], dim=1)
         ids, mask = ids.to(self.device), mask.to(self.device)
         # Positions count real tokens only, so a padded row sees the same ones as unpadded.
@@ -264,6 +326,20 @@ class ContinuousBatcher:
             cache, input_ids=ids, attention_mask=mask, position_ids=positions, **extra
         )
         return logits, cache, mask
+
+    def _start_cache(self, rows: int, seq: _Seq, hit: Hit | None) -> DynamicCache:
+        """A cache for `rows` newcomers: empty, or holding the cached beginning they share."""
+        cache = DynamicCache(config=self._model.config)
+        if hit is None:
+            return cache
+        assert self.prefixes is not None
+        begun = self.prefixes.keys_values(seq.req.prompt_ids, hit)
+        for layer, (keys, values) in zip(_layers(cache), begun, strict=True):
+            layer.update(
+                keys.expand(rows, -1, -1, -1).to(self.device).contiguous(),
+                values.expand(rows, -1, -1, -1).to(self.device).contiguous(),
+            )
+        return cache
 
     def _decode(self) -> torch.Tensor:
         assert self._mask is not None and self._cache is not None

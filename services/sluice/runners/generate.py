@@ -99,6 +99,7 @@ class GenerateRunner(ContinuousRunner):
             max_batch_tokens=self.settings.max_batch_tokens,
             device=self.device,
             prefix_cache_tokens=self.settings.prefix_cache_tokens,
+            prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
         )
 
     # -- the quality gate ----------------------------------------------------------------------
