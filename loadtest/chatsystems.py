@@ -74,7 +74,10 @@ async def drive_http(
     """The closed loop (`--concurrency` clients) or the open loop (`--rate`)."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    # Retries: llama.cpp's HTTP server closes a kept-alive connection after 5 requests, and a
+    # request sent on it as it closes fails before the server read it. Only such connection
+    # errors are retried (the openai client's rule); both systems get the same client.
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=2, timeout=600)
     records: dict[str, Record] = {}
 
     async def send(req: Req) -> None:
