@@ -189,7 +189,9 @@ def plot(runs: list[Json], systems: Sequence[str], path: Path) -> None:
     for offset, key, label in ((-0.2, "ttft_p50_ms", "TTFT p50"), (0.2, "ttft_p99_ms", "TTFT p99")):
         right.bar(x + offset, [med[s][key] for s in systems], 0.4, label=label)
     right.set_xticks(x, systems)
-    right.set(ylabel="ms", title="time to first token")
+    right.set(ylabel="ms", title="time to first token (median of repeats)")
+    right.legend(fontsize=8)
+    right.grid(True, alpha=0.3)
     _save(fig, left, path)
 
 
