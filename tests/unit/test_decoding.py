@@ -317,3 +317,42 @@ def test_chunked_prefill_keeps_running_streams_going(model, tokenizer) -> None:
         want = greedy(model, request.prompt_ids, request.max_new_tokens)
         assert ids_of(by_key[request.key]) == want, request.key
     assert batcher.prefixes is not None and batcher.prefixes.hits >= len(long_ids) - chunk
+
+
+def test_a_hit_survives_the_eviction_an_earlier_group_causes(model, tokenizer) -> None:
+    """Two groups admitted in one step: the first (no hit) stores blocks that evict the
+    second's cached beginning before its prefill; the second uses what it looked up."""
+    from sluice.runners.prefixes import BLOCK
+
+    batcher = ContinuousBatcher(model, tokenizer, eos_token_ids=(), prefix_cache_tokens=2 * BLOCK)
+    first = GenRequest("first", prompt(tokenizer, SHARED), 2)
+    batcher.add(first)
+    drain(batcher)
+    assert batcher.prefixes is not None and len(batcher.prefixes) == 2
+    unrelated = GenRequest("unrelated", prompt(tokenizer, "naïve café " + SHARED[::-1]), 4)
+    hit = GenRequest("hit", prompt(tokenizer, SHARED + " fox"), 4)
+    assert len(unrelated.prompt_ids) >= 2 * BLOCK
+    batcher.add(unrelated)  # admitted first: its group is prefilled (and stored) first
+    batcher.add(hit)
+    by_key = collect(drain(batcher))
+    for request in (unrelated, hit):
+        want = greedy(model, request.prompt_ids, request.max_new_tokens)
+        assert ids_of(by_key[request.key]) == want
+    assert batcher.prefixes.hits >= 2 * BLOCK
+
+
+def test_padding_left_in_the_middle_is_trimmed_once_its_partners_leave(model, tokenizer) -> None:
+    batcher = ContinuousBatcher(model, tokenizer, eos_token_ids=(), prefix_cache_tokens=4096)
+    batcher.add(GenRequest("seed", prompt(tokenizer, SHARED), 1))
+    drain(batcher)
+    short = GenRequest("short", prompt(tokenizer, SHARED + "x"), 12)
+    long = GenRequest("long", prompt(tokenizer, SHARED + " the lazy dog " * 6), 2)
+    batcher.add(short)
+    batcher.add(long)  # one group: the short row pads between its beginning and its rest
+    events = batcher.step()
+    events += batcher.step()
+    events += batcher.step()  # "long" is done; "short" runs on alone
+    assert batcher.active == 1
+    assert batcher.cache_len == len(short.prompt_ids) + 2  # no padding column left
+    by_key = collect(events + drain(batcher))
+    assert ids_of(by_key["short"]) == greedy(model, short.prompt_ids, 12)

@@ -266,10 +266,15 @@ class ContinuousBatcher:
             return []
         if self.prefixes is None:
             return [(seqs, None)]
-        groups: dict[int | None, tuple[list[_Seq], Hit | None]] = {}
+        groups: dict[bytes | None, tuple[list[_Seq], Hit | None]] = {}
         for seq in seqs:
             hit = self.prefixes.lookup(seq.req.prompt_ids)
-            groups.setdefault(None if hit is None else hit.key, ([], hit))[0].append(seq)
+            key = None if hit is None else hit.key
+            if key not in groups and hit is not None:
+                # Taken now: storing an earlier group's blocks may evict these.
+                layers = self.prefixes.keys_values(seq.req.prompt_ids, hit)
+                hit = Hit(hit.tokens, hit.key, layers)
+            groups.setdefault(key, ([], hit))[0].append(seq)
         return list(groups.values())
 
     def _remember(self, seqs: list[_Seq], cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -332,9 +337,7 @@ class ContinuousBatcher:
         cache = DynamicCache(config=self._model.config)
         if hit is None:
             return cache
-        assert self.prefixes is not None
-        begun = self.prefixes.keys_values(seq.req.prompt_ids, hit)
-        for layer, (keys, values) in zip(_layers(cache), begun, strict=True):
+        for layer, (keys, values) in zip(_layers(cache), hit.layers, strict=True):
             layer.update(
                 keys.expand(rows, -1, -1, -1).to(self.device).contiguous(),
                 values.expand(rows, -1, -1, -1).to(self.device).contiguous(),
@@ -383,17 +386,27 @@ class ContinuousBatcher:
         self._trim()
 
     def _trim(self) -> None:
-        # Drops the leading columns that every row pads (a row may also pad in its middle,
-        # between a cached beginning and the rest of its prompt: those columns stay).
+        # Drops the columns that every row pads.
         assert self._cache is not None and self._mask is not None
-        lead = int(self._mask.any(0).int().argmax())
-        if lead == 0:
+        real = self._mask.any(0)
+        if bool(real.all()):
             return
+        lead = int(real.int().argmax())
+        if bool(real[lead:].all()):  # padding only in front: a view, no copy
+            for layer in _layers(self._cache):
+                assert layer.keys is not None and layer.values is not None
+                layer.keys = layer.keys[..., lead:, :]
+                layer.values = layer.values[..., lead:, :]
+            self._mask = self._mask[:, lead:]
+            return
+        # Padding in the middle too (a cached beginning's rows, once their longer partners
+        # left): gathered away, since positions come from the mask's sums, not its columns.
+        keep = real.nonzero().flatten()
         for layer in _layers(self._cache):
             assert layer.keys is not None and layer.values is not None
-            layer.keys = layer.keys[..., lead:, :]
-            layer.values = layer.values[..., lead:, :]
-        self._mask = self._mask[:, lead:]
+            layer.keys = layer.keys.index_select(-2, keep)
+            layer.values = layer.values.index_select(-2, keep)
+        self._mask = self._mask.index_select(1, keep)
 
     def _advance_all(self, seqs: list[_Seq], logits: torch.Tensor) -> list[GenEvent]:
         logits = logits.float()

@@ -15,23 +15,33 @@ last bits (a matmul's sum order depends on the batch's shape), as any two batche
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 BLOCK = 16  # tokens per block: the granularity of what can be shared
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer
-Block = tuple[tuple[int, ...], KeysValues]
+Block = tuple[bytes, tuple[int, ...], KeysValues]  # parent's key, its tokens, keys and values
+# Chain keys are keyed digests: a prompt cannot be crafted to collide with another's
+# beginning (Python's tuple hash is not randomised for ints, and can be), so one tenant's
+# prompt never reads keys and values made from another's.
+_SALT = os.urandom(16)
 
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """A cached beginning of one prompt: its length and the chain hash of its last block."""
+    """A cached beginning of one prompt: its length, the chain key of its last block, and
+    (once taken, before anything else is stored and could evict its blocks) its keys and
+    values."""
 
     tokens: int
-    key: int
+    key: bytes
+    layers: KeysValues = field(default_factory=list, compare=False)
 
 
 class PrefixCache:
@@ -44,7 +54,7 @@ class PrefixCache:
         self.capacity_blocks = capacity_tokens // BLOCK
         # chain hash -> the block's tokens (checked on lookup: a hash is not proof) and per
         # layer (keys, values), each [kv heads, BLOCK, head dim]
-        self._blocks: OrderedDict[int, Block] = OrderedDict()
+        self._blocks: OrderedDict[bytes, Block] = OrderedDict()
         self.hits = 0  # prompt tokens that were not prefilled again
         self.lookups = 0
 
@@ -52,11 +62,12 @@ class PrefixCache:
         return len(self._blocks)
 
     @staticmethod
-    def chain(prompt: Sequence[int], blocks: int) -> list[int]:
-        """The chain hashes of the prompt's first `blocks` full blocks."""
-        keys, parent = [], 0
+    def chain(prompt: Sequence[int], blocks: int) -> list[bytes]:
+        """The chain keys of the prompt's first `blocks` full blocks."""
+        keys, parent = [], b""
         for b in range(blocks):
-            parent = hash((parent, tuple(prompt[b * BLOCK : (b + 1) * BLOCK])))
+            tokens = array("q", prompt[b * BLOCK : (b + 1) * BLOCK]).tobytes()
+            parent = hashlib.blake2b(parent + tokens, digest_size=16, key=_SALT).digest()
             keys.append(parent)
         return keys
 
@@ -64,10 +75,12 @@ class PrefixCache:
         """The longest cached beginning of `prompt`, leaving at least one token to prefill
         (its logits give the first new token)."""
         self.lookups += 1
-        found: list[int] = []
+        found: list[bytes] = []
         for b, key in enumerate(self.chain(prompt, (len(prompt) - 1) // BLOCK)):
             block = self._blocks.get(key)
-            if block is None or block[0] != tuple(prompt[b * BLOCK : (b + 1) * BLOCK]):
+            parent = found[-1] if found else b""
+            tokens = tuple(prompt[b * BLOCK : (b + 1) * BLOCK])
+            if block is None or block[0] != parent or block[1] != tokens:
                 break
             found.append(key)
         if not found:
@@ -76,7 +89,7 @@ class PrefixCache:
         self.hits += len(found) * BLOCK
         return Hit(len(found) * BLOCK, found[-1])
 
-    def _touch(self, chain: list[int]) -> None:
+    def _touch(self, chain: list[bytes]) -> None:
         # Last block first, so a chain's first blocks are the most recently used and the
         # least-recently-used end evicts chains from their tails: an evicted first block
         # would strand every block behind it.
@@ -86,7 +99,7 @@ class PrefixCache:
 
     def keys_values(self, prompt: Sequence[int], hit: Hit) -> KeysValues:
         """Per layer, the keys and values of the hit's tokens: [1, kv heads, tokens, dim]."""
-        blocks = [self._blocks[key][1] for key in self.chain(prompt, hit.tokens // BLOCK)]
+        blocks = [self._blocks[key][2] for key in self.chain(prompt, hit.tokens // BLOCK)]
         layers = len(blocks[0])
         return [
             (
@@ -111,15 +124,17 @@ class PrefixCache:
         if self.capacity_blocks == 0:
             return 0
         added = 0
-        chain = self.chain(prompt, (len(prompt) - 1) // BLOCK)
+        # Every full block (a later prompt that extends this one can use them all), but not
+        # more than the cache holds: a long unique prompt must not flush it whole.
+        chain = self.chain(prompt, min(len(prompt) // BLOCK, self.capacity_blocks))
         for b, key in enumerate(chain):
             if key in self._blocks:
                 continue
             cols = columns[b * BLOCK : (b + 1) * BLOCK]
             tokens = tuple(prompt[b * BLOCK : (b + 1) * BLOCK])
-            # Copies, not views: a view would keep the whole batch's cache alive.
-            kv = [(k[row, :, cols].clone(), v[row, :, cols].clone()) for k, v in layers]
-            self._blocks[key] = (tokens, kv)
+            # Indexing with a tensor copies: no view keeps the whole batch's cache alive.
+            kv = [(k[row, :, cols], v[row, :, cols]) for k, v in layers]
+            self._blocks[key] = (chain[b - 1] if b else b"", tokens, kv)
             added += 1
         self._touch(chain)
         while len(self._blocks) > self.capacity_blocks:
