@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from sluice.gateway.bodies import ModelName
 
@@ -27,9 +27,9 @@ NO_OP = "not supported: only its no-op value is accepted"
 
 
 class _Lenient(BaseModel):
-    # Unknown fields ignored, but known ones strictly typed: `"stream": "yes"` or
-    # `"seed": 1.5` is a 400, as the schema says, not a guess.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # Unknown fields ignored. Flags are strict booleans (`"stream": "yes"` is a 400, not a
+    # guess); numbers are JSON Schema's (`"seed": 1.0` is an integer), so not strict.
+    model_config = ConfigDict(extra="ignore")
 
 
 class TextPart(_Lenient):
@@ -56,7 +56,7 @@ class TextFormat(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = Field(
+    include_usage: StrictBool = Field(
         False, description="send a last chunk with `usage` (and no choices) before [DONE]"
     )
 
@@ -77,9 +77,9 @@ class _Sampling(_Lenient):
     )
     stop: Stop | Annotated[list[Stop], Field(min_length=1, max_length=MAX_STOPS)] | None = None
     n: Literal[1] = Field(1, description="one choice per request")
-    stream: bool = Field(False, description="Server-Sent Events, ending with `data: [DONE]`")
+    stream: StrictBool = Field(False, description="Server-Sent Events, ending with `data: [DONE]`")
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = Field(
+    ignore_eos: StrictBool = Field(
         False, description="vLLM's extension: generate max_tokens even past the end (benchmarks)"
     )
     presence_penalty: float = Field(0.0, ge=0, le=0, description=NO_OP)
