@@ -217,8 +217,8 @@ class Broker:
         """The registered models this gateway serves, in OpenAI's model list shape."""
         names: Any = self.options.models
         if names is None:
-            names = sorted(n.decode() if isinstance(n, bytes) else n
-                           for n in await self.client.redis.smembers(MODELS_KEY))  # fmt: skip
+            registered = await self.client.redis.smembers(MODELS_KEY)
+            names = sorted(_text(name) for name in registered)
         async with self.client.redis.pipeline(transaction=False) as pipe:
             for name in names:  # HGETs: the producer's ACL has no HMGET
                 pipe.hget(info_key(name), "task")
@@ -230,8 +230,8 @@ class Broker:
             if task is None:
                 continue  # allowed, but not registered (yet)
             created = int(registered_ms or 0) // 1000
-            listed.append({"id": name, "object": "model", "created": created,
-                           "owned_by": "sluice", "task": task.decode()})  # fmt: skip
+            card = {"id": name, "object": "model", "created": created}
+            listed.append({**card, "owned_by": "sluice", "task": _text(task)})
         return listed
 
     async def check_task(
@@ -276,3 +276,7 @@ def scoped(tenant: str, job_id: str) -> str:
 
 def unscoped(tenant: str, job_id: str) -> str:
     return job_id[len(tenant) + 1 :] if tenant and job_id.startswith(f"{tenant}:") else job_id
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
