@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from sluice.protocol import (
     jobs_key,
 )
 from sluice.settings import Settings
+from sluice.supervisor import run_supervised, supervised
 
 URL_HELP = "default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0"
 
@@ -54,6 +54,7 @@ DEMO_QUESTIONS = [
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the supervised child
     settings = Settings()
     logging.basicConfig(
         level=args.log_level or settings.log_level,
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with cluster_hint():
             return int(args.func(args, settings))
+    except KeyboardInterrupt:
+        # Stopped before it was done (e.g. while the stack started): whatever was started
+        # has been stopped by the `with` blocks on the way out.
+        print("\ninterrupted; stopped.", file=sys.stderr)
+        return 130
     except SluiceError as err:
         print(f"error [{err.code}]: {err.message}", file=sys.stderr)
         return 2
@@ -164,6 +170,13 @@ def _stack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (all)")
     p.add_argument("--metrics-port", type=int, default=9109, help="Ray's /metrics port (9109)")
+    p.add_argument(
+        "--stop-timeout-s",
+        type=float,
+        default=90.0,
+        help="on SIGINT/SIGTERM, how long replicas may take to answer what they hold "
+        "before everything left is killed (90)",
+    )
 
 
 def _stack(args: argparse.Namespace, settings: Settings) -> Any:
@@ -193,26 +206,26 @@ def _try_hint(config_path: str) -> str:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    # SIGTERM unwinds like Ctrl-C, so whatever was started is stopped.
-    signal.signal(signal.SIGTERM, _interrupt)
+    if not supervised():
+        return run_supervised(args.argv, args.stop_timeout_s)
     with _stack(args, settings) as stack:
         print(f"serving on {stack.redis_url}. Try:\n{_try_hint(args.config)}", flush=True)
-        print("Ctrl-C stops everything.", flush=True)
+        print("Ctrl-C (or SIGTERM) stops everything.", flush=True)
         try:
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
+            # Only the supervisor's SIGINT lands here (sluice.supervisor).
             print("\nstopping ...", flush=True)
+    print("stack stopped.", flush=True)
     return 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from sluice.stack import load_config
 
+    if not supervised():
+        return run_supervised(args.argv, args.stop_timeout_s)
     model = load_config(args.config)["applications"][0]["args"]["model"]
     if model.get("task") == "generate":
         return _chat_demo(args, settings, model.get("name", "smollm2"))

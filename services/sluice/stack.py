@@ -315,6 +315,9 @@ class LocalStack:
         # Ray starts workers at nice 15; a replica is the whole point of this machine, and at
         # nice 15 it loses CPU to redis-server and to Ray's own daemons (BENCHMARKS.md).
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # A local Ray on loopback with token authentication on, as it should be: its notice
+        # that it is on reads like a problem to a newcomer, so only its errors are shown.
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         ray.init(
             num_cpus=self.num_cpus,
             include_dashboard=False,
@@ -336,7 +339,11 @@ class LocalStack:
 
         if ray.is_initialized():
             with contextlib.suppress(Exception):
-                serve.shutdown()  # type: ignore[no-untyped-call]
+                # Each app deleted and waited for: its replicas answer what they hold (their
+                # graceful shutdown). Not serve.shutdown(): the controller kills itself inside
+                # the call it answers, and Ray prints that as a failed task.
+                for name in serve.status().applications:
+                    serve.delete(name, _blocking=True)
             ray.shutdown()
         if self.redis is not None:
             self.redis.cleanup()

@@ -1,16 +1,24 @@
-"""`sluice demo` end to end in a child process: its own redis-server, Ray and Serve config."""
+"""`sluice demo` and `sluice up` end to end in child processes: their own redis-server, Ray
+and Serve config, and how they stop (issue 19: any stop signal, however sent, is one orderly
+stop that leaves no process behind and no job held)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
+import redis
 import yaml
 
-from sluice.stack import free_port, redis_answers
+from sluice.protocol import GROUP, jobs_key, result_key
+from sluice.stack import RedisServer, free_port, redis_answers
+from sluice.supervisor import session_members
+from tests.helpers import wait_for, xadd_jobs
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,33 +54,88 @@ def test_demo_starts_serves_and_stops_everything(tiny_config):
     assert not redis_answers(url), "the redis-server the demo started is still running"
 
 
-def test_up_serves_until_ctrl_c_then_stops_what_it_started(tmp_path, tiny_config):
-    import signal
+def start_up(
+    config: Path, url: str, log: Path, *, ignore_sigint: bool = False
+) -> subprocess.Popen[bytes]:
+    """`sluice up` in a session of its own (so a group signal reaches only what it started),
+    optionally with SIGINT ignored as inherited by `sluice up &` from a script."""
 
-    import redis
-
-    from sluice.protocol import jobs_key, result_key
-    from tests.helpers import wait_for
-
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    log = tmp_path / "up.log"
+    def prepare() -> None:
+        os.setsid()
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sluice.cli", "up", "--config", str(tiny_config),
-             "--redis-url", url, "--num-cpus", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": "local"},
-        )  # fmt: skip
-    try:
-        wait_for(lambda: "Ctrl-C stops everything" in log.read_text(), 180, 0.2, "sluice up")
-        client = redis.Redis.from_url(url)
-        client.xadd(jobs_key("minilm"), {"id": "up-1", "input": '{"text": "hi"}'})
-        wait_for(lambda: client.get(result_key("minilm", "up-1")), 60, what="a result")
+        command = [sys.executable, "-m", "sluice.cli", "up", "--config", str(config)]
+        command += ["--redis-url", url, "--num-cpus", "1", "--metrics-port", str(free_port())]
+        env = {**os.environ, "RAY_ADDRESS": "local"}
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=prepare, env=env
+        )
 
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(120) == 0, log.read_text()
+
+def serving(proc: subprocess.Popen[bytes], log: Path) -> psutil.Process:
+    """Waits for the stack to serve; returns the supervised child that runs it."""
+    wait_for(lambda: "stops everything" in log.read_text(), 180, 0.2, "sluice up serving")
+    [child] = psutil.Process(proc.pid).children()
+    return child
+
+
+def stopped(proc: subprocess.Popen[bytes], log: Path, child: psutil.Process) -> str:
+    """Waits for the exit (status 0), checks that nothing it started is left; the log."""
+    try:
+        status = proc.wait(150)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert "stopping" in log.read_text()
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert status == 0, text
+    assert not session_members(child.pid), f"left running: {session_members(child.pid)}\n{text}"
+    return text
+
+
+ALARMING = ("Traceback", "SIGTERM received", "logging.cc", "failed", "Token authentication")
+
+
+def test_up_stops_on_sigint_it_inherited_as_ignored_and_leaves_nothing(tmp_path, tiny_config):
+    """`sluice up &` from a script: SIGINT ignored on the way in, and still the way to stop it;
+    the redis-server it started goes with it."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    log = tmp_path / "up.log"
+    proc = start_up(tiny_config, url, log, ignore_sigint=True)
+    child = serving(proc, log)
+    client = redis.Redis.from_url(url)
+    client.xadd(jobs_key("minilm"), {"id": "up-1", "input": '{"text": "hi"}'})
+    wait_for(lambda: client.get(result_key("minilm", "up-1")), 60, what="a result")
+
+    proc.send_signal(signal.SIGINT)
+    text = stopped(proc, log, child)
+    assert "stopping" in text and "stack stopped." in text
+    assert not [line for line in text.splitlines() if any(a in line for a in ALARMING)], text
     assert not redis_answers(url), "the redis-server that `sluice up` started is still running"
+
+
+def test_up_stops_on_sigterm_to_its_group_and_every_job_is_answered_or_waits(tmp_path, tiny_config):
+    """SIGTERM to the whole group (systemd, `kill -TERM -PGID`) while the replica is busy:
+    one orderly stop, no stack trace, and every job either answered or still waiting in the
+    stream, none held by a consumer that is gone (nothing waits out a visibility timeout)."""
+    server = RedisServer().start()  # the user's Redis: it outlives the stack
+    try:
+        log = tmp_path / "up.log"
+        proc = start_up(tiny_config, server.url, log)
+        child = serving(proc, log)
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        ids = xadd_jobs(client, "minilm", [f"job number {i}" for i in range(20_000)], prefix="up")
+        wait_for(lambda: client.get(result_key("minilm", ids[0])), 60, what="a first result")
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        text = stopped(proc, log, child)
+        assert not [line for line in text.splitlines() if any(a in line for a in ALARMING)], text
+        answered = [i for i in ids if client.exists(result_key("minilm", i))]
+        waiting = {e[1]["id"] for e in client.xrange(jobs_key("minilm"))}
+        pending = client.xpending(jobs_key("minilm"), GROUP)["pending"]
+        assert pending == 0, "jobs held by a stopped replica wait out the visibility timeout"
+        assert 0 < len(answered) < len(ids), "the stop did not come mid-drain"
+        assert set(ids) <= set(answered) | waiting, "a job neither answered nor waiting"
+    finally:
+        server.cleanup()
