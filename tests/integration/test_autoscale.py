@@ -65,10 +65,12 @@ class Timeline:
                                     sum(states.values())))  # fmt: skip
             self._stop.wait(self.interval_s)
 
-    def running(self) -> list[int]:
-        """The running counts, consecutive repeats collapsed: e.g. [1, 2, 1]."""
+    def running(self, after: float = 0.0) -> list[int]:
+        """The running counts from `after` on, consecutive repeats collapsed: e.g. [1, 2, 1]."""
         seq: list[int] = []
-        for _, running, _ in self.points:
+        for t, running, _ in self.points:
+            if t < after:
+                continue
             if not seq or seq[-1] != running:
                 seq.append(running)
         return seq
@@ -76,6 +78,23 @@ class Timeline:
     def first(self, when: Callable[[int, int], bool], after: float = 0.0) -> float | None:
         """The time of the first point after `after` where `when(running, all)` holds."""
         return next((t for t, n, total in self.points if t >= after and when(n, total)), None)
+
+    def steady_since(self, count: int) -> float | None:
+        """Since when every point shows exactly `count` replicas, all running (None: not now)."""
+        since = None
+        for t, running, total in self.points:
+            since = (since or t) if running == total == count else None
+        return since
+
+    def wait_steady(self, count: int, for_s: float, timeout_s: float) -> float:
+        """Waits until `count` replicas have been all the app has for `for_s` seconds."""
+
+        def held() -> bool:
+            since = self.steady_since(count)
+            return since is not None and time.monotonic() - since >= for_s
+
+        wait_for(held, timeout_s, 0.1, f"{count} replica(s), steady for {for_s}s")
+        return time.monotonic()
 
     def wait(
         self, when: Callable[[int, int], bool], timeout_s: float, what: str, after: float = 0.0
@@ -109,20 +128,23 @@ def test_a_burst_scales_up_to_two_replicas_and_back_down(r, deploy, model_name):
     # replica's start (seconds) is worth it; the tiny model drains it first.
     deploy(model_name, MINILM, autoscaling=autoscaling(model_name), max_batch_size=16)
     with Timeline(model_name) as timeline:
-        timeline.wait(lambda n, _: n == 1, 30, "one replica running")
-        burst_at = time.monotonic()
+        # Steady first (a few policy ticks with nothing queued), so that every change after
+        # the burst is the policy's answer to it.
+        burst_at = timeline.wait_steady(1, for_s=2.0, timeout_s=30)
         # 2,000 jobs queued at once, and kept 2,000 past the answers until the second replica
         # runs: a box fast enough to drain a fixed burst before a replica starts would show
         # no scale-up at all.
         feeder = Feeder(r, model_name, 500_000, reply_to=f"sluice:reply:{model_name}",
                         ahead=2000, chunk=500).start()  # fmt: skip
-        up_at = timeline.wait(lambda n, _: n == 2, 60, "a second replica")
+        # Counted from the burst on: Serve may show a start-up's replicas overlapping for a
+        # moment before it, which is not the policy's doing.
+        up_at = timeline.wait(lambda n, _: n == 2, 60, "a second replica", after=burst_at)
         feeder.stop()
         results = wait_all_results(r, model_name, feeder.ids, timeout_s=180)
         drained_at = time.monotonic()
         down_at = timeline.wait(lambda n, t: n == t == 1, 60, "back to one", after=up_at)
     assert all(res["status"] == "ok" for res in results.values())
-    assert timeline.running()[:3] == [1, 2, 1], timeline.running()
+    assert timeline.running(after=burst_at)[:3] == [1, 2, 1], timeline.points
     assert burst_at < up_at < drained_at < down_at
     print(f"burst -> 2 running: {up_at - burst_at:.1f}s; drained {drained_at - burst_at:.1f}s")
 
