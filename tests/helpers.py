@@ -1,9 +1,13 @@
-"""Shared test helpers: waiting on conditions (never bare sleeps) and checking outcomes."""
+"""Shared test helpers: waiting on conditions (never bare sleeps), checking outcomes, and a
+bare null replica for tests of what is around one."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import orjson
@@ -75,3 +79,45 @@ def xadd_jobs(
             )
         pipe.execute()
     return ids
+
+
+@contextlib.contextmanager
+def null_replica(url: str, model: str, dim: int = 8) -> Iterator[None]:
+    """A bare replica pipeline (no Ray) with the null runner: registers `model` and answers
+    its jobs at once with `dim`-float unit vectors, on a loop of its own, until the block
+    ends; then the model stays registered with nobody serving it. For tests of what is
+    around a replica (the CLI, the docs' examples), where a model's answer is beside the
+    point."""
+    from sluice.queue import StreamQueue, connect
+    from sluice.runners.null import NullRunner
+    from sluice.settings import ModelSettings, QueueSettings
+    from sluice.worker import Worker
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    settings = ModelSettings(name=model, task="null", model_path=f"null:{dim}", max_batch_size=64)
+    limits = QueueSettings(block_ms=100)
+    queue = StreamQueue(connect(url), model, "cli-test", limits)
+
+    async def start() -> Worker:
+        runner = NullRunner(settings)
+        runner.load()
+        worker = Worker(queue, runner, settings, limits)
+        worker.start()
+        await asyncio.wait_for(worker.ready.wait(), 30)
+        return worker
+
+    async def stop(worker: Worker) -> None:
+        await worker.stop(10)
+        await queue.redis.aclose()
+
+    worker = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(stop(worker), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -213,6 +213,26 @@ def raise_if_rejected(model: str, admitted: Sequence[Admitted]) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What Redis holds of one job id, before anything is done to it."""
+
+    result: Result | None  # its final result, while stored (result_ttl_s)
+    queued: bool  # admission's dedupe record: it was submitted through admission
+    registered: bool  # the model is registered (a replica has started for it)
+
+
+async def lookup(redis: AsyncRedis, model: str, job_id: str) -> Known:
+    """The job's stored result, its dedupe record and its model's registration, in one round
+    trip: what tells a typo from a queued job before a cancel, which would answer any id."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.get(result_key(model, job_id))
+        pipe.exists(job_key(model, job_id))
+        pipe.exists(info_key(model))
+        raw, queued, registered = await pipe.execute()
+    return Known(None if raw is None else Result.from_json(raw), bool(queued), bool(registered))
+
+
 async def cancel(redis: AsyncRedis, model: str, job_id: str, ttl_s: int) -> Result:
     """Cancels a job unless it has a final result already; returns its final result.
 

@@ -4,33 +4,49 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import re
+import shlex
+import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import redis
-from redis.exceptions import MovedError
+from pydantic import ValidationError
+from redis.exceptions import MovedError, NoPermissionError
 
-from sluice import dlq, exporter, tenants
-from sluice.client import Client
-from sluice.connection import RedisModeError, SyncRedis, cluster_hint, connect_sync
-from sluice.errors import SluiceError
+from sluice import admission, dlq, exporter, submitting, tenants
+from sluice.client import AsyncClient, Client
+from sluice.connection import SyncRedis, cluster_hint, connect_sync
+from sluice.errors import (
+    Internal,
+    InvalidInput,
+    SluiceError,
+    Unauthorized,
+    Unavailable,
+    UnknownModel,
+)
 from sluice.protocol import (
     GROUP,
     MODELS_KEY,
     PRIORITIES,
+    Result,
     dead_key,
     decode_embedding,
     info_key,
     jobs_key,
+    scoped_id,
 )
 from sluice.settings import Settings
 from sluice.supervisor import run_supervised, supervised
 
+STREAM_ID_RE = re.compile(r"\d+-\d+")
 URL_HELP = "default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0"
 
 DEFAULT_CONFIG = "deployments/local.yaml"
@@ -53,14 +69,14 @@ DEMO_QUESTIONS = [
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the supervised child
-    settings = Settings()
-    logging.basicConfig(
-        level=args.log_level or settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
+        settings = Settings()
+        logging.basicConfig(
+            level=args.log_level or settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         with cluster_hint():
             return int(args.func(args, settings))
     except KeyboardInterrupt:
@@ -68,13 +84,65 @@ def main(argv: list[str] | None = None) -> int:
         # has been stopped by the `with` blocks on the way out.
         print("\ninterrupted; stopped.", file=sys.stderr)
         return 130
-    except SluiceError as err:
-        print(f"error [{err.code}]: {err.message}", file=sys.stderr)
-        return 2
-    except (redis.ConnectionError, ConnectionError, FileNotFoundError, TimeoutError,
-            redis.RedisClusterException, RedisModeError) as err:  # fmt: skip
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        # One line with a stable code, never a traceback: what a newcomer reads first is the
+        # whole story. The traceback is there for whoever asks for it.
+        logging.getLogger(__name__).debug("the traceback of the error below", exc_info=exc)
+        err, status = explain(exc)
+        print(f"error [{err.code}]: {_one_line(err.message)}", file=sys.stderr)
+        return status
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parse_args`, except that the texts of `submit` may follow its options too (`submit
+    minilm --json TEXT`): once an option follows the model name, argparse has given the
+    optional list of texts nothing, and would call the texts unrecognized."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "texts", None), list):
+        if not any(x.startswith("-") and x != "-" for x in extra):
+            args.texts = [*args.texts, *extra]
+            return args
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+REDIS_URL_FROM = "the URL comes from --redis-url or SLUICE_REDIS_URL"
+
+
+def explain(exc: Exception) -> tuple[SluiceError, int]:
+    """What the CLI says of an error, as a `SluiceError`, and its exit status: 2 when the
+    command, its input or a job was refused; 1 when Redis, or what the command starts
+    (redis-server, Ray, the Serve apps), cannot be reached or used."""
+    if isinstance(exc, SluiceError):
+        return exc, 2
+    if isinstance(exc, redis.AuthenticationError | NoPermissionError):
+        return Unauthorized(
+            f"Redis refused this user: {exc} ({REDIS_URL_FROM}; status, dlq and tenants "
+            "need an admin user: docs/security.md)"
+        ), 1
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return Unavailable(
+            f"cannot reach Redis: {exc} (is redis-server running there? `sluice up` starts "
+            f"one; {REDIS_URL_FROM})"
+        ), 1
+    if isinstance(exc, redis.RedisError):
+        return Unavailable(f"Redis answered an error: {exc}"), 1
+    if isinstance(exc, OSError | RuntimeError | redis.RedisClusterException):
+        # RedisModeError, and what the local stack raises when it cannot start.
+        return Unavailable(str(exc) or type(exc).__name__), 1
+    if isinstance(exc, ValidationError):
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return InvalidInput(f"invalid SLUICE_ settings: {fields}"), 2
+    if isinstance(exc, ValueError):
+        return InvalidInput(str(exc)), 2
+    return Internal(
+        f"{type(exc).__name__}: {exc} (a bug in sluice; --log-level DEBUG prints its traceback)"
+    ), 2
+
+
+def _one_line(text: str) -> str:
+    return " / ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,18 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     _stack_options(demo)
     demo.set_defaults(func=cmd_demo)
 
-    submit = sub.add_parser("submit", help="submit texts to a model and print the results")
-    submit.add_argument("model", help="model name, e.g. minilm")
-    submit.add_argument("texts", nargs="+", metavar="TEXT", help="one job per text")
-    submit.add_argument("--redis-url", help=URL_HELP)
-    submit.add_argument("--priority", choices=PRIORITIES, default="normal", help="lane (normal)")
-    submit.add_argument(
-        "--deadline-s", type=float, default=None, help="not started within this, it expires"
-    )
-    submit.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
-    submit.add_argument("--no-wait", action="store_true", help="print the ids and return")
-    submit.add_argument("--json", action="store_true", help="print each result as raw JSON")
-    submit.set_defaults(func=cmd_submit)
+    submitting.add_command(sub)  # its code lives in submitting.py
 
     chat = sub.add_parser("chat", help="ask a generate model; print its answer as it streams")
     chat.add_argument("model", help="model name, e.g. smollm2")
@@ -118,10 +175,23 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--redis-url", help=URL_HELP)
     chat.set_defaults(func=cmd_chat)
 
-    cancel = sub.add_parser("cancel", help="cancel queued jobs; print each job's final status")
+    cancel = sub.add_parser(
+        "cancel",
+        help="cancel queued jobs; print each job's final status",
+        description="Cancels each job that has no result yet and prints its final status: "
+        "'cancelled', or the status of a job that had already ended (not cancelled). An id "
+        "that admission never queued, or whose result has expired, is unknown: one line "
+        "'error [not_found]' on stderr, and the exit status is 1.",
+    )
     cancel.add_argument("model", help="model name")
     cancel.add_argument("ids", nargs="+", metavar="ID", help="job ids")
     cancel.add_argument("--redis-url", help=URL_HELP)
+    cancel.add_argument(
+        "--force",
+        action="store_true",
+        help="cancel unknown ids too (a raw XADD's job, or one not submitted yet): each is "
+        "answered 'cancelled' if it comes within result_ttl_s",
+    )
     cancel.set_defaults(func=cmd_cancel)
 
     status = sub.add_parser("status", help="queue depth, pending, lag, dead letters, consumers")
@@ -190,19 +260,52 @@ def _stack(args: argparse.Namespace, settings: Settings) -> Any:
                       metrics_port=args.metrics_port)  # fmt: skip
 
 
-def _try_hint(config_path: str) -> str:
-    """What to try first, for the config's first model and its task."""
+def _try_hint(config_path: str, redis_url: str | None = None) -> str:
+    """What to try first, for the config's first model and its task, as commands that run
+    as printed: `sluice` by its path when a shell would not find it, the URL when it is not
+    the default one, and a reply stream to wait on (the result is stored a moment after the
+    XADD, not at once)."""
     from sluice.stack import load_config
 
     model = load_config(config_path)["applications"][0]["args"]["model"]
     name, task = model.get("name", "minilm"), model.get("task", "embed")
-    xadd = f"  redis-cli XADD 'sluice:{{{name}}}:jobs' '*' id job-1 input "
+    # The local stack exports the URL it serves on as SLUICE_REDIS_URL, so Settings has it.
+    url = redis_url or Settings().redis_url
+    default = url == Settings.model_fields["redis_url"].default
+    url_option = "" if default else f" --redis-url {shlex.quote(url)}"
+    cli = "redis-cli" if default else f"redis-cli -u {shlex.quote(url)}"
+    xadd = f"  {cli} XADD 'sluice:{{{name}}}:jobs' '*' id job-1 input "
+    read = f"  {cli} XREAD BLOCK 60000 STREAMS myapp:replies 0"
     if task == "generate":
         chat = '{"messages":[{"role":"user","content":"Hello! Who are you?"}]}'
-        read = "  redis-cli XREAD BLOCK 60000 STREAMS my:replies 0"
-        ask = f"  sluice chat {name} 'Hello! Who are you?'"
-        return f"{ask}\n{xadd}'{chat}' reply_to my:replies\n{read}"
-    return f"  sluice submit {name} 'hello world'\n{xadd}'{{\"text\":\"hello\"}}'"
+        ask = f"  {sluice_command()} chat{url_option} {name} 'Hello! Who are you?'"
+        return f"{ask}\n{xadd}'{chat}' reply_to myapp:replies\n{read}"
+    submit = f"  {sluice_command()} submit{url_option} {name} 'hello world'"
+    text = '{"text":"hello"}'
+    return f"{submit}\n{xadd}'{text}' reply_to myapp:replies\n{read}"
+
+
+def sluice_command() -> str:
+    """`sluice` as a shell would run it: the bare name when PATH finds this one (an activated
+    venv, an installed package), else this environment's script by its path
+    (`.venv/bin/sluice`), else `python -m sluice.cli` with this interpreter."""
+    script = Path(sys.executable).parent / "sluice"
+    found = shutil.which("sluice")
+    if found is not None and (not script.exists() or Path(found).samefile(script)):
+        return "sluice"
+    if script.exists():
+        return shlex.quote(_shown_path(script))
+    return f"{shlex.quote(_shown_path(Path(sys.executable)))} -m sluice.cli"
+
+
+def _shown_path(path: Path) -> str:
+    """Relative to the working directory when it is under it, else absolute; never a bare
+    name, which a shell would look up on PATH."""
+    try:
+        relative = path.relative_to(Path.cwd())
+    except ValueError:
+        return str(path)
+    return relative.as_posix() if len(relative.parts) > 1 else f"./{relative}"
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -275,33 +378,8 @@ def _print_similarity(vectors: np.ndarray[Any, Any]) -> None:
         print(f"  {sentence!r:<{width + 2}} -> {DEMO_SENTENCES[j]!r} ({sims[i, j]:.2f})")
 
 
-def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    with Client(args.redis_url or settings.redis_url) as client:
-        ids = client.submit_many(
-            args.model, args.texts, priority=args.priority, deadline_s=args.deadline_s
-        )
-        if args.no_wait:
-            print("\n".join(ids))
-            return 0
-        results = client.results(ids, timeout=args.timeout)
-    failed = 0
-    for text, res in zip(args.texts, results, strict=True):
-        if args.json:
-            print(res.to_json().decode())
-            continue
-        if res.ok and isinstance(res.output, list):
-            head = ", ".join(f"{v:.4f}" for v in res.output[:4])
-            print(
-                f"{res.id} ok dim={len(res.output)} [{head}, ...] "
-                f"{res.timings.get('total_ms', 0):.1f} ms  {text[:50]!r}"
-            )
-        else:
-            failed += not res.ok
-            print(f"{res.id} {res.status} {json.dumps(res.error or res.output)}")
-    return 1 if failed else 0
-
-
 def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
+    submitting.checked_model(args.model)
     messages = [{"role": "user", "content": args.question}]
     if args.system:
         messages.insert(0, {"role": "system", "content": args.system})
@@ -337,12 +415,47 @@ def _print_streamed(
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    with Client(args.redis_url or settings.redis_url) as client:
-        for job_id in args.ids:
-            final = client.cancel(job_id, model=args.model)
-            note = "" if final.status == "cancelled" else " (it had finished: not cancelled)"
-            print(f"{job_id} {final.status}{note}")
-    return 0
+    model = submitting.checked_model(args.model)
+    url = args.redis_url or settings.redis_url
+    unknown = asyncio.run(_cancel(url, model, args.ids, force=args.force))
+    return 1 if unknown else 0
+
+
+async def _cancel(url: str, model: str, ids: Sequence[str], *, force: bool) -> int:
+    """Cancels each job that is queued, prints each one's final status; returns how many ids
+    were unknown. A cancel alone would answer any id `cancelled` (it must win a race with its
+    own submit), so a typo would look like success: the job is looked up first."""
+    unknown = 0
+    async with AsyncClient(url) as client:
+        for job_id in ids:
+            if force:
+                print(_final_line(job_id, await client.cancel(job_id, model=model), True))
+                continue
+            wire = job_id if client.tenant is None else scoped_id(client.tenant, job_id)
+            known = await admission.lookup(client.redis, model, wire)
+            if known.result is not None:
+                print(_final_line(job_id, known.result, False))
+            elif known.queued:
+                print(_final_line(job_id, await client.cancel(job_id, model=model), True))
+            elif not known.registered:
+                message = f"no model {model!r} is registered in this Redis"
+                raise UnknownModel(await submitting.with_registered(client.redis, message))
+            else:
+                unknown += 1
+                print(
+                    f"error [not_found]: {job_id}: no such job of {model} (never submitted "
+                    "through admission, or its result has expired; --force cancels it anyway)",
+                    file=sys.stderr,
+                )
+    return unknown
+
+
+def _final_line(job_id: str, final: Result, cancelling: bool) -> str:
+    """`cancelling`: this command asked for the cancel (else the job had a result already)."""
+    if final.status == "cancelled":
+        return f"{job_id} cancelled" + ("" if cancelling else " (already)")
+    code = f" [{final.error['code']}]" if final.status == "error" and final.error else ""
+    return f"{job_id} {final.status}{code} (it had ended: not cancelled)"
 
 
 def _redis(args: argparse.Namespace, settings: Settings, **options: Any) -> SyncRedis:
@@ -366,9 +479,14 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
+    if not STREAM_ID_RE.fullmatch(args.dead_id):
+        raise InvalidInput(f"a dead letter id looks like 1718000000000-0, got {args.dead_id!r}")
     entry = dlq.get(_redis(args, settings), args.model, args.dead_id)
     if entry is None:
-        print(f"no dead letter {args.dead_id} on {dead_key(args.model)}", file=sys.stderr)
+        print(
+            f"error [not_found]: no dead letter {args.dead_id} on {dead_key(args.model)}",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps({"dead_id": entry.dead_id, **entry.fields}, indent=2, ensure_ascii=False))
     return 0
@@ -376,7 +494,7 @@ def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
 
 def _chosen(args: argparse.Namespace, client: SyncRedis) -> list[str] | None:
     if args.all == bool(args.dead_ids):
-        raise SystemExit("name dead letter ids, or --all (not both)")
+        raise InvalidInput("name dead letter ids, or --all (not both)")
     return dlq.all_ids(client, args.model) if args.all else list(args.dead_ids)
 
 
@@ -392,7 +510,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
     client = _redis(args, settings)
     if args.all and not args.yes:
-        raise SystemExit(f"purge --all deletes every dead letter of {args.model}: add --yes")
+        raise InvalidInput(f"purge --all deletes every dead letter of {args.model}: add --yes")
     chosen = None if args.all else _chosen(args, client)
     print(f"purged {dlq.purge(client, args.model, chosen)} dead letters of {args.model}")
     return 0

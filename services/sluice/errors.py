@@ -16,7 +16,7 @@ The tree::
     ├── ResultTimeout       timeout            504   (client side) no result within the wait
     ├── JobExpired          expired            410   the job's deadline passed before it ran
     ├── JobCancelled        cancelled          409   the job was cancelled before it ran
-    │   (the HTTP gateway's own, never in a stored result:)
+    │   (the HTTP gateway's own, never in a stored result; the CLI prints them too:)
     ├── Unauthorized        unauthorized       401   no API key, or not one of the gateway's
     ├── NotFound            not_found          404   no such job (or path) at the gateway
     ├── MethodNotAllowed    method_not_allowed 405   the path does not take that HTTP method
@@ -141,13 +141,13 @@ class JobCancelled(SluiceError):
 
 
 class Unauthorized(SluiceError):
-    """HTTP gateway only: no API key, or not one of the gateway's."""
+    """HTTP gateway: no API key, or not one of the gateway's (CLI: Redis refused its user)."""
 
     code, http_status = "unauthorized", 401
 
 
 class NotFound(SluiceError):
-    """HTTP gateway only: no such job (or path)."""
+    """HTTP gateway: no such job (or path); `sluice cancel`: an id admission never queued."""
 
     code, http_status = "not_found", 404
 
@@ -159,7 +159,7 @@ class MethodNotAllowed(SluiceError):
 
 
 class Unavailable(SluiceError):
-    """HTTP gateway only: Redis cannot be reached."""
+    """HTTP gateway and CLI: Redis cannot be reached (CLI: nor what `sluice up` starts)."""
 
     code, http_status, retryable = "unavailable", 503, True
 

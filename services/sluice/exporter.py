@@ -54,6 +54,7 @@ from redis.retry import Retry
 
 from sluice.backlog import BACKLOG_READS, Backlog, queue_backlog_reads, read_backlog
 from sluice.connection import SyncRedis, connect_sync
+from sluice.errors import Unavailable
 from sluice.protocol import (
     GROUP,
     MODELS_KEY,
@@ -338,7 +339,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         server, _ = serve(collector, args.port, args.address)
     except OSError as exc:
-        raise SystemExit(f"error: cannot listen on {args.address}:{args.port}: {exc}") from exc
+        raise Unavailable(f"cannot listen on {args.address}:{args.port}: {exc}") from exc
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     where = urlsplit(url)  # never the password into a log

@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 
 import psutil
@@ -116,13 +115,3 @@ def _send(proc: psutil.Process, sig: int) -> None:
         proc.send_signal(sig)
     except psutil.Error:
         pass  # exited meanwhile
-
-
-def wait_gone(sid: int, timeout_s: float) -> bool:
-    """True once session `sid` has no live process left (for tests and callers)."""
-    deadline = time.monotonic() + timeout_s
-    while session_members(sid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
