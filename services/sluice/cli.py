@@ -312,7 +312,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if not supervised():
         return run_supervised(args.argv, args.stop_timeout_s)
     with _stack(args, settings) as stack:
-        print(f"serving on {stack.redis_url}. Try:\n{_try_hint(args.config)}", flush=True)
+        hint = _try_hint(args.config, stack.redis_url)
+        print(f"serving on {stack.redis_url}. Try:\n{hint}", flush=True)
         print("Ctrl-C (or SIGTERM) stops everything.", flush=True)
         try:
             while True:

@@ -121,12 +121,17 @@ class RedisServer:
             "yes",
             *self.extra_args,
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log in a file, not a pipe nobody reads: the reason it gives for exiting at start
+        # (e.g. "Address already in use") is on stdout, and a full pipe would block it.
+        log_path = Path(self.dir) / "redis-server.log"
+        with log_path.open("wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"redis-server exited at start: {err.strip()}")
+                lines = log_path.read_text(errors="replace").strip().splitlines()
+                why = " / ".join(line.split(" # ", 1)[-1] for line in lines[-2:])
+                raise RuntimeError(f"redis-server exited at start: {why or 'no reason given'}")
             if redis_answers(self.url, 0.2):
                 self._apply_acl()
                 return self

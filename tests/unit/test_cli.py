@@ -176,3 +176,18 @@ def test_try_hint_names_the_url_and_waits_for_the_result(monkeypatch):
     other = cli._try_hint("deployments/local.yaml", url)
     assert f"submit --redis-url {url} minilm" in other
     assert all(f"redis-cli -u {shlex.quote(url)} X" in line for line in other.splitlines()[1:])
+
+
+def test_a_redis_server_that_cannot_listen_says_why(tmp_path):
+    """The port-taken case of README's Troubleshooting: redis-server's own reason, not blank."""
+    import socket
+
+    from sluice.stack import RedisServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = RedisServer(taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="Address already in use"):
+            server.start()
+        server.cleanup()
