@@ -206,6 +206,10 @@ def _span(text: str) -> tuple[int, int]:
     return span
 
 
+def _quantized(ns: argparse.Namespace) -> str:
+    return "" if ns.quantization == "none" else f" + {ns.quantization}"
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m loadtest.genbench --model smollm2",
@@ -238,6 +242,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default="fp32",
         help="weights of sluice, static and cb (fp32; auto: bf16 where the CPU has it, as "
         "deployments/chat.yaml; Sluice's quality gate may still keep fp32)",
+    )
+    add(
+        "--quantization",
+        choices=("none", "int8-weight", "int4-weight"),
+        default="none",
+        help="weight-only int8/int4 for sluice, batcher, static and cb (none; needs bf16: "
+        "--dtype bf16, or auto on a CPU with native bf16)",
     )
     add("--repeats", type=int, default=3, help="alternations (3)")
     add("--seed", type=int, default=0, help="workload seed (0)")
@@ -319,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     load = f"Poisson {ns.rate}/s" if ns.rate else f"closed loop, {ns.concurrency} clients"
     print(
         f"\n{ns.requests} chat requests ({load}), max_tokens {ns.output_len}, greedy, "
-        f"ignore_eos, {ns.dtype} weights (llama.cpp: the GGUF's Q4_1), {ns.threads} threads, "
+        f"ignore_eos, {ns.dtype} weights{_quantized(ns)} (llama.cpp: the GGUF's Q4_1), "
+        f"{ns.threads} threads, "
         f"{ns.repeats} repeats\n"
     )
     print_medians(rows)

@@ -150,6 +150,7 @@ class Sluice:
             task="generate",
             model_path=MODEL,
             dtype=ns.dtype,
+            quantization=ns.quantization,
             torch_threads=ns.threads,
             max_batch_size=ns.concurrency,
             max_new_tokens=ns.output_len[1],
@@ -277,6 +278,15 @@ def hf_model(ns: argparse.Namespace) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(files.folder, **source)
     model = AutoModelForCausalLM.from_pretrained(files.folder, dtype=torch_dtype(ns), **source)
     model.eval()  # type: ignore[no-untyped-call]
+    if ns.quantization != "none":
+        from sluice.runners.precision import weight_only_unsupported
+        from sluice.runners.weight_only import quantize_weights
+
+        names = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
+        dtype_name = names.get(model.dtype, str(model.dtype))
+        if why := weight_only_unsupported(ns.quantization, dtype_name, torch.device("cpu")):
+            raise SystemExit(f"--quantization {ns.quantization}: {why}")
+        quantize_weights(model, ns.quantization)
     return model, tokenizer
 
 

@@ -97,15 +97,18 @@ class ModelSettings(BaseModel):
         description="auto: bf16 on a GPU or a CPU with native bf16, else fp32; any choice but "
         "fp32 is kept only if the quality gate passes",
     )
-    quantization: Literal["none", "int8"] = Field(
-        "none", description="int8: torchao dynamic int8 activations and weights (quality-gated)"
+    quantization: Literal["none", "int8", "int8-weight", "int4-weight"] = Field(
+        "none",
+        description="int8: torchao dynamic int8 activations and weights; int8-weight / "
+        "int4-weight: weights only, packed for PyTorch's CPU kernels, with a bf16 model "
+        "(for decoders: fewer bytes read per token); all quality-gated",
     )
     quality_floor: float | None = Field(
         None,
         ge=0,
         le=1,
         description="the quality gate's floor (default per task: embed min cosine 0.99, classify "
-        "label agreement 0.99, generate next-token agreement 0.98); 0 turns the gate off",
+        "label agreement 0.99, generate perplexity ratio 0.98); 0 turns the gate off",
     )
     max_length: int | None = Field(
         None, ge=1, description="max tokens per job (default: the model's own limit)"

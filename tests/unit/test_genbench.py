@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from loadtest.genbench import SHAPES, main, parse, word_tokenizer, workload
 
@@ -48,3 +49,27 @@ def test_chatbench_figures_count_tokens_slo_and_ratios() -> None:
     twice = {**out, "tokens_per_s": 2 * out["tokens_per_s"]}
     rows = dict(summary([{"sluice": twice, "static": out}], ["sluice", "static"]))
     assert rows["**Sluice ÷ static, tokens/s**"] == [2.0]
+
+
+def test_weightsplot_groups_reports_by_concurrency_and_scheme(tmp_path):
+    from loadtest import weightsplot
+
+    def report(concurrency: int, scheme: str, sluice: float) -> Path:
+        path = tmp_path / f"c{concurrency}-{scheme}.json"
+        summary = {
+            "**Sluice ÷ llama.cpp, tokens/s**": {"median": 0.5, "runs": [0.5]},
+            "sluice: output tokens/s": {"median": sluice, "runs": [sluice]},
+            "llama.cpp: output tokens/s": {"median": 80.0, "runs": [80.0]},
+            "sluice: TTFT p50 (ms)": {"median": 50.0, "runs": [50.0]},
+        }
+        settings = {"concurrency": concurrency, "quantization": scheme}
+        path.write_text(json.dumps({"summary": summary, "settings": settings}))
+        return path
+
+    paths = [report(1, "none", 26.0), report(1, "int4-weight", 46.0), report(8, "none", 115.0)]
+    table = weightsplot.load(paths)
+    assert table[1]["int4-weight"] == {"sluice": 46.0, "llama.cpp": 80.0}
+    assert set(table) == {1, 8}
+    out = tmp_path / "w.png"
+    assert weightsplot.main([*map(str, paths), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,10 +2,11 @@
 
 `dtype: auto` picks bf16 where the hardware runs it natively (a GPU with bf16, a CPU with
 avx512_bf16, AMX or Arm bf16) and fp32 elsewhere: emulated bf16 is slower than fp32.
-Any choice other than plain fp32 (auto's bf16, an explicit bf16/fp16, int8 quantisation) is
-*measured* before it serves: the runner's fixed probe set runs through an fp32 reference and
-through the candidate, and the runner's own metric (embeddings: the lowest cosine; labels and
-next tokens: the agreement) must reach the floor. Below it, the replica serves fp32 and logs
+Any choice other than plain fp32 (auto's bf16, an explicit bf16/fp16, int8 quantisation,
+weight-only int8/int4 for decoders: runners/weight_only.py) is *measured* before it serves:
+the runner's fixed probe set runs through an fp32 reference and through the candidate, and the
+runner's own metric (embeddings: the lowest cosine; labels: the agreement; next tokens: the
+perplexity ratio) must reach the floor. Below it, the replica serves fp32 and logs
 why. `../shared/ANCHORS.md` is the reason: bf16 MiniLM kept cosine 0.9966 at ~3x fp32 on an
 avx512_bf16 CPU, while the old `torch.ao` qint8 path was as fast and fell to 0.927.
 """
@@ -21,12 +22,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sluice.runners.weight_only import SCHEMES, quantize_weights
+
 if TYPE_CHECKING:
     from sluice.runners.base import Runner
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANT_WHY = {
+    "int8": "int8 weights and activations",
+    "int8-weight": "int8 weights (per channel)",
+    "int4-weight": "int4 weights (groups of 32)",
+}
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 and Arm names
 
 
@@ -36,7 +44,7 @@ class Precision:
 
     asked: str  # e.g. "auto", "bf16+int8"
     dtype: str  # served: fp32, bf16 or fp16
-    quantization: str  # served: none or int8
+    quantization: str  # served: none, int8, int8-weight or int4-weight
     metric: str
     floor: float
     score: float | None  # None: not measured (plain fp32, or the gate turned off)
@@ -91,24 +99,30 @@ def load_gated(runner: Runner) -> Precision:
     settings = runner.settings
     dtype, why = resolve_dtype(settings.dtype, runner.device)
     quant = settings.quantization
-    if quant == "int8":
-        why += ", with int8 weights and activations"
+    asked = settings.dtype + ("" if quant == "none" else f"+{quant}")
+    if quant != "none":
+        why += f", with {QUANT_WHY[quant]}"
+    unsupported = weight_only_unsupported(quant, dtype, runner.device, settings.task)
+    if unsupported:
+        log.warning("quantization %s not used: %s", quant, unsupported)
+        why += f", which is not used: {unsupported}"
+        quant = "none"
     floor = runner.quality_floor if settings.quality_floor is None else settings.quality_floor
-    asked = settings.dtype + ("+int8" if quant == "int8" else "")
     verdict = Precision(asked, dtype, quant, runner.quality_metric, floor, None, why)
     if dtype == "fp32" and quant == "none":
         runner.model = runner.build_model(torch.float32)
         return verdict
     if floor <= 0:
-        runner.model = _candidate(runner, dtype, quant)
-        verdict.reason = f"{why}; quality gate off (floor 0)"
+        runner.model, packed = _candidate(runner, dtype, quant)
+        verdict.reason = f"{why}{packed}; quality gate off (floor 0)"
         return verdict
     started = time.monotonic()
     runner.model = runner.build_model(torch.float32)
     reference = runner.probe()
     fp32_model = runner.model
     try:
-        runner.model = _candidate(runner, dtype, quant, base=fp32_model)
+        runner.model, packed = _candidate(runner, dtype, quant, base=fp32_model)
+        why += packed
         verdict.score = float(runner.quality(reference, runner.probe()))
     except (RuntimeError, NotImplementedError) as exc:  # e.g. fp16 kernels missing on a CPU
         verdict.reason = f"{why}, but it failed on the probe set: {exc}"
@@ -127,11 +141,33 @@ def load_gated(runner: Runner) -> Precision:
 
 def _candidate(
     runner: Runner, dtype: str, quant: str, base: torch.nn.Module | None = None
-) -> torch.nn.Module:
+) -> tuple[torch.nn.Module, str]:
     """The candidate model: a cast copy of `base` (the fp32 reference the gate loaded: no
-    second load, which for a GGUF file means dequantising it all again), else a fresh load."""
+    second load, which for a GGUF file means dequantising it all again), else a fresh load;
+    and, for a weight-only scheme, what it packed (for the verdict's reason)."""
     if base is not None:
         model = copy.deepcopy(base).to(DTYPES[dtype])
     else:
         model = runner.build_model(DTYPES[dtype])
-    return quantize_int8(model) if quant == "int8" else model
+    if quant == "int8":
+        return quantize_int8(model), ""
+    if quant in SCHEMES:
+        packed = quantize_weights(model, quant)
+        log.info("%s: %s", quant, packed.describe())
+        return model, f" ({packed.describe()})"
+    return model, ""
+
+
+def weight_only_unsupported(
+    quant: str, dtype: str, device: torch.device, task: str = "generate"
+) -> str | None:
+    """Why a weight-only scheme cannot serve this model (None: it can)."""
+    if quant not in SCHEMES:
+        return None
+    if task != "generate":
+        return "it is for decoders (task generate): an encoder's batches are compute-bound"
+    if device.type != "cpu":
+        return "its kernels are PyTorch's CPU ones"
+    if dtype != "bf16":
+        return f"its kernels compute in bf16 (their {dtype} path is ~10x slower than dense)"
+    return None
