@@ -9,11 +9,13 @@ batches already pulled. The only Serve method callers use is `info()`, for statu
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -72,12 +74,19 @@ class Replica:
         metrics = RayMetrics(model.name) if settings.metrics else Metrics()
         precision = getattr(runner, "precision", None)
         load_s = (self.lifecycle["loaded_ms"] - self.lifecycle["init_ms"]) / 1000
-        metrics.loaded(load_s, runner.task, precision.dtype if precision else "fp32", model.device)
+        loaded = functools.partial(
+            metrics.loaded,
+            load_s,
+            runner.task,
+            precision.dtype if precision else "fp32",
+            model.device,
+        )
+        loaded()
         self.worker = Worker(queue, runner, model, self.config.settings.queue, metrics)
         self.worker.start()
-        self._gpu_task = (
-            asyncio.get_running_loop().create_task(_sample_gpu(metrics, model.device))
-            if settings.metrics and model.device.startswith("cuda")
+        self._gauges_task = (
+            asyncio.get_running_loop().create_task(_refresh_gauges(metrics, loaded, model.device))
+            if settings.metrics
             else None
         )
         self.meter = ServiceMeter(self.worker.work_done, cpus=self.cpus or 0.0, gpus=_gpus())
@@ -113,8 +122,8 @@ class Replica:
     async def __del__(self) -> None:
         if not hasattr(self, "worker"):
             return  # stopped while still loading (a downscale before it was ready)
-        if self._gpu_task is not None:
-            self._gpu_task.cancel()
+        if self._gauges_task is not None:
+            self._gauges_task.cancel()
         # Serve waits graceful_shutdown_timeout_s for us; keep a margin under it.
         await self.worker.stop(timeout_s=25.0)
         await self.worker.queue.redis.aclose()
@@ -129,13 +138,21 @@ def _gpus() -> float:
         return 0.0
 
 
-async def _sample_gpu(metrics: Metrics, device: str, every_s: float = 5.0) -> None:
-    """GPU memory and utilisation into the metrics, every few seconds, for the replica's life."""
+async def _refresh_gauges(
+    metrics: Metrics, loaded: Callable[[], None], device: str, every_s: float = 5.0
+) -> None:
+    """Set-once gauges (load time, replica info) set again every few seconds, and on a GPU
+    its memory and utilisation sampled, for the replica's life: Ray's metrics agent can stop
+    exporting a gauge nobody has set for a while, and a dashboard's "replicas now" then shows
+    none (seen in a long test session)."""
+    gpu = device.startswith("cuda")
     while True:
         try:
-            metrics.gpu(device)
+            loaded()
+            if gpu:
+                metrics.gpu(device)
         except Exception as exc:  # a metric must never take the replica down
-            log.warning("GPU metrics unavailable (%r); not sampled again", exc)
+            log.warning("gauges not refreshed (%r); not tried again", exc)
             return
         await asyncio.sleep(every_s)
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
+import redis
 import yaml
 
 from sluice import cli
@@ -239,6 +240,9 @@ def test_the_hint_of_sluice_up_runs_as_printed(
             )
             for line in hint.splitlines()
         ]
+    # The hint's reply stream has the doc's name: leave the session's Redis without it, or
+    # docs/protocol.md's own example (tests/integration/test_protocol_docs.py) reads this one.
+    redis.Redis.from_url(redis_url).delete("myapp:replies")
     submit, xadd, xread = outputs
     assert submit.returncode == 0 and " ok dim=8 " in submit.stdout, submit.stderr
     assert xadd.returncode == 0 and xadd.stdout.strip()

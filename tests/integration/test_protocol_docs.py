@@ -411,6 +411,8 @@ def test_doc_examples_run_against_a_live_stack(r, redis_server, redis_cli, deplo
     commands = doc_commands(DOC.read_text())
     assert commands, "no redis-cli lines in the ```sh blocks of docs/protocol.md"
     deploy(MODEL, tiny_bert)
+    # The doc's reply stream names are plain ones (myapp:replies): none left by another test.
+    r.delete(*{m for c in commands for m in re.findall(r"reply_to (\S+)", c)} or {"-"})
     doc = DocRun(redis_cli, redis_server.port, r)
 
     for line in commands:
