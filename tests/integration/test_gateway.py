@@ -27,7 +27,7 @@ import pytest
 import requests
 import schemathesis
 import uvicorn
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from transformers import AutoTokenizer
 
 from sluice import Client
@@ -370,15 +370,25 @@ def filter_body(context: Any, body: Any) -> bool:
     return True
 
 
-@schema.parametrize()
-@settings(
-    max_examples=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-def test_schemathesis_finds_no_server_error(case: Any, gateway: Gateway, served: str) -> None:
-    aim_at(case, served)
-    case.call_and_validate(base_url=gateway.url, headers=AUTH)
+# One test per operation, each with its own id: `schema.parametrize()` gives every operation
+# the same node id, and pytest-xdist (`make test` runs on several workers) then runs one of
+# them only.
+OPERATIONS = [result.ok() for result in schema.get_all_operations()]
+
+
+@pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: op.label)
+def test_schemathesis_finds_no_server_error(operation: Any, gateway: Gateway, served: str) -> None:
+    @given(case=operation.as_strategy())
+    @settings(
+        max_examples=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    def check(case: Any) -> None:
+        aim_at(case, served)
+        case.call_and_validate(base_url=gateway.url, headers=AUTH)
+
+    check()
 
 
 def aim_at(case: Any, model: str) -> None:
