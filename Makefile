@@ -43,7 +43,7 @@ demo-chat: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sluice demo --config deployments/chat.yaml
 
 # Several workers, each with its own redis-server and Ray (tests mostly wait on Redis, Serve
-# and replicas, so 3 of them share 2 cores well: ~12 min here against ~29 on one); one test file
+# and replicas, so 4 of them share 2 cores: ~8 min here against ~29 on one); one test file
 # per worker at a time, so a module's deployment is made once. The slowest tests are printed.
 TEST_WORKERS ?= 4
 test: install
