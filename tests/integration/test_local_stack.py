@@ -55,10 +55,10 @@ def test_demo_starts_serves_and_stops_everything(tiny_config):
 
 
 def start_up(
-    config: Path, url: str, log: Path, *, ignore_sigint: bool = False
+    config: Path, url: str, log: Path, *, ignore_sigint: bool = False, verb: str = "up"
 ) -> subprocess.Popen[bytes]:
-    """`sluice up` in a session of its own (so a group signal reaches only what it started),
-    optionally with SIGINT ignored as inherited by `sluice up &` from a script."""
+    """`sluice up` (or `verb`) in a session of its own (so a group signal reaches only what it
+    started), optionally with SIGINT ignored as inherited by `sluice up &` from a script."""
 
     def prepare() -> None:
         os.setsid()
@@ -66,7 +66,7 @@ def start_up(
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     with log.open("w") as out:
-        command = [sys.executable, "-m", "sluice.cli", "up", "--config", str(config)]
+        command = [sys.executable, "-m", "sluice.cli", verb, "--config", str(config)]
         command += ["--redis-url", url, "--num-cpus", "1", "--metrics-port", str(free_port())]
         env = {**os.environ, "RAY_ADDRESS": "local"}
         return subprocess.Popen(
@@ -81,15 +81,17 @@ def serving(proc: subprocess.Popen[bytes], log: Path) -> psutil.Process:
     return child
 
 
-def stopped(proc: subprocess.Popen[bytes], log: Path, child: psutil.Process) -> str:
-    """Waits for the exit (status 0), checks that nothing it started is left; the log."""
+def stopped(
+    proc: subprocess.Popen[bytes], log: Path, child: psutil.Process, expect: int = 0
+) -> str:
+    """Waits for the exit (status `expect`), checks that nothing it started is left; the log."""
     try:
         status = proc.wait(150)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
-    assert status == 0, text
+    assert status == expect, text
     assert not session_members(child.pid), f"left running: {session_members(child.pid)}\n{text}"
     return text
 
@@ -139,3 +141,20 @@ def test_up_stops_on_sigterm_to_its_group_and_every_job_is_answered_or_waits(tmp
         assert set(ids) <= set(answered) | waiting, "a job neither answered nor waiting"
     finally:
         server.cleanup()
+
+
+def test_demo_stopped_while_its_stack_starts_stops_everything_it_started(tmp_path, tiny_config):
+    """SIGTERM to `sluice demo`'s group while Ray and Serve are still starting (the demo's
+    redis-server already up): it says it was interrupted (status 130), without a traceback,
+    and the redis-server, Ray and replica it started are all gone."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    log = tmp_path / "demo.log"
+    proc = start_up(tiny_config, url, log, verb="demo")
+    wait_for(lambda: redis_answers(url, 0.2), 60, 0.1, "the demo's redis-server")
+    [child] = psutil.Process(proc.pid).children()
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    text = stopped(proc, log, child, expect=130)
+    assert "interrupted; stopped." in text
+    assert not [line for line in text.splitlines() if any(a in line for a in ALARMING)], text
+    assert not redis_answers(url), "the redis-server the demo started is still running"
