@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -44,7 +45,7 @@ from sluice.protocol import (
     scoped_id,
 )
 from sluice.settings import Settings
-from sluice.supervisor import run_supervised, supervised
+from sluice.supervisor import child_started, run_supervised, supervised
 
 STREAM_ID_RE = re.compile(r"\d+-\d+")
 URL_HELP = "default: SLUICE_REDIS_URL or redis://127.0.0.1:6379/0"
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the supervised child
     try:
+        if supervised():
+            child_started()  # from here on, a stop is a KeyboardInterrupt we handle
         settings = Settings()
         logging.basicConfig(
             level=args.log_level or settings.log_level,
@@ -313,16 +316,27 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return run_supervised(args.argv, args.stop_timeout_s)
     with _stack(args, settings) as stack:
         hint = _try_hint(args.config, stack.redis_url)
-        print(f"serving on {stack.redis_url}. Try:\n{hint}", flush=True)
-        print("Ctrl-C (or SIGTERM) stops everything.", flush=True)
+        _say(f"serving on {stack.redis_url}. Try:\n{hint}")
+        _say("Ctrl-C (or SIGTERM) stops everything.")
         try:
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
             # Only the supervisor's SIGINT lands here (sluice.supervisor).
-            print("\nstopping ...", flush=True)
-    print("stack stopped.", flush=True)
+            _say("\nstopping ...")
+    _say("stack stopped.")
     return 0
+
+
+def _say(text: str) -> None:
+    """A line to stdout that a reader who left (`sluice up | head -1`, a killed `| cat`)
+    cannot turn into an error: the stack serves, and stops, without anyone reading."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # and no error again at exit's flush
+        os.close(devnull)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

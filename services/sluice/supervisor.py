@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -31,6 +32,8 @@ import psutil
 log = logging.getLogger(__name__)
 
 SUPERVISED_ENV = "SLUICE_SUPERVISED"
+READY_FD_ENV = "SLUICE_SUPERVISOR_READY_FD"
+PARENT_ENV = "SLUICE_SUPERVISOR_PID"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -42,8 +45,9 @@ def supervised() -> bool:
 def run_supervised(argv: Sequence[str], stop_timeout_s: float) -> int:
     """Runs `python -m sluice.cli *argv` as the supervised child; returns its exit status.
 
-    The first SIGINT, SIGTERM or SIGHUP is relayed to the child as one SIGINT; later ones
-    only say that the stop is under way.
+    The first SIGINT, SIGTERM or SIGHUP is relayed to the child as one SIGINT, once the child
+    says it can take it (before that it is still importing, and a KeyboardInterrupt there
+    would be a traceback); later ones only say that the stop is under way.
     """
     asked = threading.Event()
 
@@ -52,28 +56,80 @@ def run_supervised(argv: Sequence[str], stop_timeout_s: float) -> int:
             print(f"still stopping (at most {stop_timeout_s:.0f}s) ...", flush=True)
         asked.set()
 
-    # Installed before the child starts: a handler (unlike SIG_IGN) is reset to the default
-    # across exec, so the child stops on SIGINT whatever this process inherited.
+    # Blocked signals are inherited too (and would never arrive): unblocked first. Handlers
+    # are installed before the child starts: a handler (unlike SIG_IGN) is reset to the
+    # default across exec, so the child stops on SIGINT whatever this process inherited.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
-    env = {**os.environ, SUPERVISED_ENV: "1"}
+    ready_r, ready_w = os.pipe()
+    env = {**os.environ, SUPERVISED_ENV: "1", READY_FD_ENV: str(ready_w)}
+    env[PARENT_ENV] = str(os.getpid())
+    # -P: not the working directory first on the import path (a user's queue.py or yaml.py
+    # must not stand in for the library's), as for the `sluice` script itself.
     child = subprocess.Popen(
-        [sys.executable, "-m", "sluice.cli", *argv], env=env, start_new_session=True
+        [sys.executable, "-P", "-m", "sluice.cli", *argv],
+        env=env,
+        start_new_session=True,
+        pass_fds=(ready_w,),
     )
+    os.close(ready_w)
     try:
-        while child.poll() is None and not asked.wait(0.2):
-            pass
+        _wait_for_stop(child, asked, ready_r)
         if child.poll() is None:
             child.send_signal(signal.SIGINT)
             status = _wait(child, stop_timeout_s)
         else:
             status = child.returncode
     finally:
+        os.close(ready_r)
         # Whatever the child's own stop missed (or all of it, after a kill).
         leftovers = kill_session(child.pid)
         if leftovers:
-            log.warning("killed %d process(es) the stack left behind", leftovers)
+            log.info("stopped %d process(es) the stack had not stopped itself", leftovers)
+    if status < 0:  # killed by a signal: the shell's convention, 128 + its number
+        print(f"the stack was killed by signal {-status}", file=sys.stderr)
+        status = 128 - status
     return status
+
+
+def _wait_for_stop(child: subprocess.Popen[bytes], asked: threading.Event, ready_r: int) -> None:
+    """Until the child exits, or a stop is asked for and the child can take it."""
+    ready = False
+    while child.poll() is None:
+        if not ready:
+            readable, _, _ = select.select([ready_r], [], [], 0.2)
+            ready = bool(readable)  # a byte, or EOF: the child is past its imports or gone
+        elif asked.wait(0.2):
+            return
+        if ready and asked.is_set():
+            return
+
+
+def child_started() -> None:
+    """In the supervised child, once it can take a SIGINT: tells the supervisor, and asks the
+    kernel for a SIGINT should the supervisor die (SIGKILL), so the stack never outlives it."""
+    _die_with_parent()
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is not None:
+        try:
+            os.write(int(fd), b"1")
+            os.close(int(fd))
+        except OSError:
+            pass  # the supervisor is gone: the parent check below stops us
+    parent = os.environ.get(PARENT_ENV)
+    if parent is not None and os.getppid() != int(parent):
+        raise KeyboardInterrupt  # the supervisor died before we could ask to follow it
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGINT))
 
 
 def _wait(child: subprocess.Popen[bytes], timeout_s: float) -> int:

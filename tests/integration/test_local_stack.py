@@ -158,3 +158,20 @@ def test_demo_stopped_while_its_stack_starts_stops_everything_it_started(tmp_pat
     assert "interrupted; stopped." in text
     assert not [line for line in text.splitlines() if any(a in line for a in ALARMING)], text
     assert not redis_answers(url), "the redis-server the demo started is still running"
+
+
+def test_the_stack_stops_itself_when_sluice_up_is_killed(tmp_path, tiny_config):
+    """SIGKILL of `sluice up` itself (nothing can be relayed): the stack does not run on as an
+    orphan, it stops in order (the kernel's parent-death signal), and nothing is left."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    log = tmp_path / "up.log"
+    proc = start_up(tiny_config, url, log)
+    child = serving(proc, log)
+
+    proc.kill()
+    proc.wait()
+    gone = lambda: not session_members(child.pid) and not child.is_running()  # noqa: E731
+    wait_for(gone, 120, 0.2, "the orphaned stack to stop")
+    text = log.read_text()
+    assert "stack stopped." in text, text
+    assert not redis_answers(url), "the redis-server that `sluice up` started is still running"
