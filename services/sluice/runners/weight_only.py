@@ -30,7 +30,25 @@ INT4_MIDPOINT = 8  # the kernel dequantises q in 0..15 as (q - 8) * scale + offs
 SCHEMES = ("int8-weight", "int4-weight")
 
 
-class Int8WeightLinear(nn.Module):
+class _PackedLinear(nn.Module):
+    """What both packed layers share: rows in, the kernel, the bias, the input's shape back."""
+
+    bias: torch.Tensor | None
+    out_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Contiguous rows: the kernels read A densely (a `[:, 0]` slice is strided).
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        y = self._matmul(rows)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8WeightLinear(_PackedLinear):
     """y = x @ (q * scale).T + bias, q int8 per output channel."""
 
     q: torch.Tensor
@@ -47,16 +65,11 @@ class Int8WeightLinear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Contiguous rows: the kernels read A densely (a `[:, 0]` slice is strided).
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        y = torch._weight_int8pack_mm(rows, self.q, self.scale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.q, self.scale)
 
 
-class Int4WeightLinear(nn.Module):
+class Int4WeightLinear(_PackedLinear):
     """y = x @ W.T + bias, W in groups of `GROUP_SIZE` inputs: ((q - 8) * scale + offset)."""
 
     packed: torch.Tensor
@@ -84,12 +97,8 @@ class Int4WeightLinear(nn.Module):
         self.group_size = group_size
         self.in_features, self.out_features = in_features, out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales)
 
 
 def fits(linear: nn.Linear, scheme: str) -> bool:
