@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import redis
+import yaml
 from pydantic import ValidationError
 from redis.exceptions import MovedError, NoPermissionError
 
@@ -252,11 +254,44 @@ def _stack_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def checked_config(path: str) -> dict[str, Any]:
+    """The Serve config at `path`, or `invalid_input` saying what is wrong with it: checked
+    before anything starts, by the supervisor as well, so that a typo is one line at once."""
+    from sluice.stack import load_config
+
+    if not Path(path).is_file():
+        raise InvalidInput(f"no Serve config at {path} (run from the repo root?)")
+    try:
+        return load_config(path)
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"{path} is not YAML: {exc}") from exc
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidInput(f"{path} is not a Serve config: {fields}") from exc
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """What `up` and `demo` can check before anything starts, each a one-line error."""
+    checked_config(args.config)
+    if args.metrics_port:
+        with socket.socket() as probe:
+            # As a server binds it: a connection of a past run in TIME_WAIT is no obstacle,
+            # a listener is.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                # Where Ray binds it: every interface.
+                probe.bind(("", args.metrics_port))
+            except OSError as exc:
+                raise InvalidInput(
+                    f"the metrics port {args.metrics_port} is taken ({exc.strerror}): "
+                    "pass --metrics-port with a free one"
+                ) from exc
+
+
 def _stack(args: argparse.Namespace, settings: Settings) -> Any:
     from sluice.stack import LocalStack
 
-    if not Path(args.config).is_file():
-        raise FileNotFoundError(f"no Serve config at {args.config} (run from the repo root?)")
+    checked_config(args.config)
     url = args.redis_url or settings.redis_url
     print(f"starting the local stack: redis {url}, Ray, {args.config} ...", flush=True)
     return LocalStack(args.config, redis_url=url, num_cpus=args.num_cpus,
@@ -313,6 +348,7 @@ def _shown_path(path: Path) -> str:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if not supervised():
+        _preflight(args)
         return run_supervised(args.argv, args.stop_timeout_s)
     with _stack(args, settings) as stack:
         hint = _try_hint(args.config, stack.redis_url)
@@ -340,11 +376,10 @@ def _say(text: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from sluice.stack import load_config
-
     if not supervised():
+        _preflight(args)
         return run_supervised(args.argv, args.stop_timeout_s)
-    model = load_config(args.config)["applications"][0]["args"]["model"]
+    model = checked_config(args.config)["applications"][0]["args"]["model"]
     if model.get("task") == "generate":
         return _chat_demo(args, settings, model.get("name", "smollm2"))
     with _stack(args, settings) as stack, Client(stack.redis_url) as client:

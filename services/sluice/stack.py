@@ -54,6 +54,9 @@ class TlsFiles:
     ca_file: str
 
 
+RUN_DIR_ENV = "SLUICE_RUN_DIR"
+
+
 class RedisServer:
     """A `redis-server` child process on 127.0.0.1, for the local stack and the tests.
 
@@ -81,7 +84,8 @@ class RedisServer:
         self.extra_args = extra_args
         self.acl_lines = tuple(acl_lines)
         self.tls = tls
-        self.dir = tempfile.mkdtemp(prefix="sluice-redis-")
+        # Under `sluice up`, inside the folder its supervisor removes however the stack ends.
+        self.dir = tempfile.mkdtemp(prefix="sluice-redis-", dir=os.environ.get(RUN_DIR_ENV))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -18,16 +18,22 @@ always ends, and never leaves a redis-server, raylet or worker behind.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Sequence
 
 import psutil
+
+from sluice.stack import RUN_DIR_ENV
 
 log = logging.getLogger(__name__)
 
@@ -42,28 +48,47 @@ def supervised() -> bool:
     return os.environ.get(SUPERVISED_ENV) == "1"
 
 
+class _Stops:
+    """The stop signals the supervisor has received: the first asks for the orderly stop,
+    the second forces it (the stack is killed at once, as after `stop_timeout_s`)."""
+
+    def __init__(self, stop_timeout_s: float) -> None:
+        self.asked = threading.Event()
+        self.forced = threading.Event()
+        self.stop_timeout_s = stop_timeout_s
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        if not self.asked.is_set():
+            self.asked.set()
+            return
+        if not self.forced.is_set():
+            print(
+                "forced: killing the stack now (jobs it held wait out their visibility timeout)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.forced.set()
+
+
 def run_supervised(argv: Sequence[str], stop_timeout_s: float) -> int:
     """Runs `python -m sluice.cli *argv` as the supervised child; returns its exit status.
 
     The first SIGINT, SIGTERM or SIGHUP is relayed to the child as one SIGINT, once the child
     says it can take it (before that it is still importing, and a KeyboardInterrupt there
-    would be a traceback); later ones only say that the stop is under way.
+    would be a traceback). A second one kills the stack at once.
     """
-    asked = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        if asked.is_set():
-            print(f"still stopping (at most {stop_timeout_s:.0f}s) ...", flush=True)
-        asked.set()
-
+    stops = _Stops(stop_timeout_s)
     # Blocked signals are inherited too (and would never arrive): unblocked first. Handlers
     # are installed before the child starts: a handler (unlike SIG_IGN) is reset to the
     # default across exec, so the child stops on SIGINT whatever this process inherited.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     for sig in STOP_SIGNALS:
-        signal.signal(sig, on_signal)
+        signal.signal(sig, stops.on_signal)
     ready_r, ready_w = os.pipe()
-    env = {**os.environ, SUPERVISED_ENV: "1", READY_FD_ENV: str(ready_w)}
+    # The stack's own files (its redis-server's folder) go here, removed below even when the
+    # stack was killed and could not remove them itself.
+    run_dir = tempfile.mkdtemp(prefix="sluice-up-")
+    env = {**os.environ, SUPERVISED_ENV: "1", READY_FD_ENV: str(ready_w), RUN_DIR_ENV: run_dir}
     env[PARENT_ENV] = str(os.getpid())
     # -P: not the working directory first on the import path (a user's queue.py or yaml.py
     # must not stand in for the library's), as for the `sluice` script itself.
@@ -75,71 +100,102 @@ def run_supervised(argv: Sequence[str], stop_timeout_s: float) -> int:
     )
     os.close(ready_w)
     try:
-        _wait_for_stop(child, asked, ready_r)
-        if child.poll() is None:
-            child.send_signal(signal.SIGINT)
-            status = _wait(child, stop_timeout_s)
-        else:
-            status = child.returncode
+        _wait_until_ready_or_ended(child, ready_r)
+        status = _supervise(child, stops)
     finally:
         os.close(ready_r)
         # Whatever the child's own stop missed (or all of it, after a kill).
         leftovers = kill_session(child.pid)
         if leftovers:
             log.info("stopped %d process(es) the stack had not stopped itself", leftovers)
+        shutil.rmtree(run_dir, ignore_errors=True)
     if status < 0:  # killed by a signal: the shell's convention, 128 + its number
         print(f"the stack was killed by signal {-status}", file=sys.stderr)
         status = 128 - status
     return status
 
 
-def _wait_for_stop(child: subprocess.Popen[bytes], asked: threading.Event, ready_r: int) -> None:
-    """Until the child exits, or a stop is asked for and the child can take it."""
-    ready = False
+def _wait_until_ready_or_ended(child: subprocess.Popen[bytes], ready_r: int) -> None:
+    """Until the child is past its imports (a byte on the pipe), or gone (EOF)."""
     while child.poll() is None:
-        if not ready:
-            readable, _, _ = select.select([ready_r], [], [], 0.2)
-            ready = bool(readable)  # a byte, or EOF: the child is past its imports or gone
-        elif asked.wait(0.2):
+        readable, _, _ = select.select([ready_r], [], [], 0.2)
+        if readable:
             return
-        if ready and asked.is_set():
-            return
+
+
+def _supervise(child: subprocess.Popen[bytes], stops: _Stops) -> int:
+    """Relays the first stop as one SIGINT, kills on the second or past the timeout; the
+    child's exit status."""
+    while child.poll() is None and not stops.asked.wait(0.2):
+        pass
+    if child.poll() is not None:
+        return child.returncode
+    child.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + stops.stop_timeout_s
+    while child.poll() is None:
+        if stops.forced.wait(0.2):
+            break
+        if time.monotonic() > deadline:
+            print(
+                f"the stack did not stop in {stops.stop_timeout_s:.0f}s; killing it",
+                file=sys.stderr,
+            )
+            break
+    if child.poll() is not None:
+        return child.returncode
+    child.kill()
+    child.wait()
+    return 1
 
 
 def child_started() -> None:
-    """In the supervised child, once it can take a SIGINT: tells the supervisor, and asks the
-    kernel for a SIGINT should the supervisor die (SIGKILL), so the stack never outlives it."""
-    _die_with_parent()
+    """In the supervised child, once it can take a SIGINT: tells the supervisor, and starts
+    the watch that stops the stack should the supervisor die (SIGKILL), so that the stack
+    never outlives it."""
     fd = os.environ.pop(READY_FD_ENV, None)
     if fd is not None:
         try:
             os.write(int(fd), b"1")
             os.close(int(fd))
         except OSError:
-            pass  # the supervisor is gone: the parent check below stops us
+            pass  # the supervisor is gone: the watch below stops us
+    signal.signal(signal.SIGINT, _on_stop)
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if run_dir is not None:
+        # The supervisor removes it too, unless it was killed: then only we can.
+        atexit.register(shutil.rmtree, run_dir, ignore_errors=True)
     parent = os.environ.get(PARENT_ENV)
-    if parent is not None and os.getppid() != int(parent):
-        raise KeyboardInterrupt  # the supervisor died before we could ask to follow it
+    if parent is not None:
+        watch = threading.Thread(
+            target=_stop_when_orphaned, args=(int(parent),), name="supervisor-watch", daemon=True
+        )
+        watch.start()
 
 
-def _die_with_parent() -> None:
-    if not sys.platform.startswith("linux"):
+_stop_asked = threading.Event()
+
+
+def _on_stop(signum: int, frame: object) -> None:
+    """Python's own SIGINT handler, remembering that a stop is under way."""
+    _stop_asked.set()
+    raise KeyboardInterrupt
+
+
+def _stop_when_orphaned(supervisor_pid: int, poll_s: float = 0.5) -> None:
+    """Sends this process one SIGINT once its parent is no longer the supervisor.
+
+    A watch rather than the kernel's parent-death signal (PR_SET_PDEATHSIG): that one fires
+    when the forking *thread* ends and is lost if the parent died before it was asked for,
+    and it cannot say why the stack stops. Only one SIGINT is ever sent: a second would
+    interrupt the orderly stop the first began (the supervisor's relayed one, say, should
+    the supervisor be killed while the stack stops).
+    """
+    while os.getppid() == supervisor_pid:
+        time.sleep(poll_s)
+    if _stop_asked.is_set():
         return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, int(signal.SIGINT))
-
-
-def _wait(child: subprocess.Popen[bytes], timeout_s: float) -> int:
-    try:
-        return child.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        print(f"the stack did not stop in {timeout_s:.0f}s; killing it", file=sys.stderr)
-        child.kill()
-        child.wait()
-        return 1
+    print(f"the supervisor (pid {supervisor_pid}) is gone; stopping the stack", file=sys.stderr)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def session_members(sid: int) -> list[psutil.Process]:

@@ -16,8 +16,8 @@ import redis
 import yaml
 
 from sluice.protocol import GROUP, jobs_key, result_key
-from sluice.stack import RedisServer, free_port, redis_answers
-from sluice.supervisor import session_members
+from sluice.stack import RUN_DIR_ENV, RedisServer, free_port, redis_answers
+from sluice.supervisor import kill_session, session_members
 from tests.helpers import wait_for, xadd_jobs
 
 pytestmark = pytest.mark.integration
@@ -169,17 +169,48 @@ def ended(proc: psutil.Process) -> bool:
         return True
 
 
+def run_dir(child: psutil.Process) -> Path:
+    """The folder the stack's own files go in (its redis-server's), removed at every end."""
+    return Path(child.environ()[RUN_DIR_ENV])
+
+
 def test_the_stack_stops_itself_when_sluice_up_is_killed(tmp_path, tiny_config):
     """SIGKILL of `sluice up` itself (nothing can be relayed): the stack does not run on as an
-    orphan, it stops in order (the kernel's parent-death signal), and nothing is left."""
+    orphan, it says why and stops in order, and nothing is left, its files included."""
     url = f"redis://127.0.0.1:{free_port()}/0"
     log = tmp_path / "up.log"
     proc = start_up(tiny_config, url, log)
     child = serving(proc, log)
-
-    proc.kill()
-    proc.wait()
-    wait_for(lambda: not session_members(child.pid) and ended(child), 120, 0.2, "the stop")
+    files = run_dir(child)
+    try:
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: not session_members(child.pid) and ended(child), 150, 0.2, "the stop")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the log:\n{log.read_text()}") from exc
+    finally:
+        kill_session(child.pid, grace_s=1.0)  # a failed stop leaves nothing for later tests
     text = log.read_text()
+    assert f"the supervisor (pid {proc.pid}) is gone; stopping the stack" in text, text
     assert "stack stopped." in text, text
     assert not redis_answers(url), "the redis-server that `sluice up` started is still running"
+    assert not files.exists(), f"{files} is left"
+
+
+def test_a_second_stop_signal_kills_the_stack_at_once(tmp_path, tiny_config):
+    """Ctrl-C twice: the second does not wait for the orderly stop; the stack is killed, and
+    still nothing is left, the files that its killed redis-server could not remove included."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    log = tmp_path / "up.log"
+    proc = start_up(tiny_config, url, log)
+    child = serving(proc, log)
+    files = run_dir(child)
+
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "stopping ..." in log.read_text(), 30, 0.05, "the orderly stop to begin")
+    proc.send_signal(signal.SIGINT)
+    text = stopped(proc, log, child, expect=1)
+    assert "forced: killing the stack now" in text, text
+    assert "stack stopped." not in text, text
+    assert not redis_answers(url), "the redis-server that `sluice up` started is still running"
+    assert not files.exists(), f"{files} is left"

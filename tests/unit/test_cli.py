@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,34 @@ def test_a_redis_server_that_cannot_listen_says_why(tmp_path):
         with pytest.raises(RuntimeError, match="Address already in use"):
             server.start()
         server.cleanup()
+
+
+@pytest.mark.parametrize("verb", ["up", "demo"])
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (None, "no Serve config at"),
+        ("applications: [\n", "is not YAML:"),
+        ("applications:\n  - name: x\n", "is not a Serve config: applications.0.import_path"),
+    ],
+)
+def test_a_bad_config_is_refused_before_anything_starts(capsys, tmp_path, verb, text, says):
+    config = tmp_path / "stack.yaml"
+    if text is not None:
+        config.write_text(text)
+    assert cli.main([verb, "--config", str(config)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error [invalid_input]: "), line
+    assert says in line, line
+
+
+@pytest.mark.parametrize("verb", ["up", "demo"])
+def test_a_taken_metrics_port_is_refused_before_anything_starts(capsys, verb):
+    config = ROOT / "deployments" / "local.yaml"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main([verb, "--config", str(config), "--metrics-port", str(port)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error [invalid_input]: the metrics port {port} is taken"), line
