@@ -79,8 +79,9 @@ def result_key(model: str, job_id: str) -> str:
 
 
 def alive_key(model: str, consumer: str) -> str:
-    """A replica's heartbeat (string, with a TTL of the visibility timeout), set as it renews
-    its leases: while it lives, reclaimers leave the entries deleted under it alone."""
+    """A replica's heartbeat (a string with a TTL of `heartbeat_ttl_s`), set every
+    `heartbeat_interval_s` and as it renews its leases. Once it lapses, the replica is taken
+    for dead: reclaimers take its entries at once, and record those deleted under it."""
     return f"sluice:{{{model}}}:alive:{consumer}"
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,16 +198,40 @@ class StreamQueue:
         self._reclaim = redis.register_script(scripts.RECLAIM)
         self._renew = redis.register_script(scripts.RENEW)
         self._held: set[Held] = set()
-        # This replica's heartbeat, renewed with its leases: it outlives a renewal by the
-        # visibility timeout, as a lease does.
+        # This replica's heartbeat (`heartbeat`, and with each renewal): while it lives, other
+        # replicas leave our entries to the leases; once it lapses, they take them at once.
         self._alive = alive_key(model, consumer)
-        self._alive_ms = int(settings.visibility_timeout_s * 1000)
+        self._alive_ms = int(settings.heartbeat_ttl_s * 1000)
+        self._beating_since: float | None = None  # monotonic: heartbeats landed unbroken since
+        self._left = False
         self._cursors = ["-"] * len(self.lanes)  # where each lane's next reclaim scan starts
 
     @property
     def held(self) -> int:
         """Entries this consumer holds a lease on (pulled, not yet acked or handed back)."""
         return len(self._held)
+
+    async def heartbeat(self) -> None:
+        """Says that this replica is alive, for `heartbeat_ttl_s`. A heartbeat that fails
+        raises, and this replica trusts no other's silence until it has beaten unbroken for a
+        whole TTL again (`trusts_heartbeats`). After `leave`, a no-op."""
+        if self._left:
+            return
+        try:
+            await self.redis.set(self._alive, "1", px=self._alive_ms)
+        except BaseException:
+            self._beating_since = None
+            raise
+        if self._beating_since is None:
+            self._beating_since = time.monotonic()
+
+    def trusts_heartbeats(self) -> bool:
+        """Whether a missing heartbeat means that its replica is dead. Only once ours has
+        landed unbroken for a whole TTL: after an outage of Redis (or of this replica's
+        connection), every heartbeat has lapsed, the live replicas' too, and each has had
+        that long to beat again."""
+        since = self._beating_since
+        return since is not None and time.monotonic() - since >= self.settings.heartbeat_ttl_s
 
     async def ensure_group(self) -> None:
         """Creates the group on every lane at id 0 (never `$`): jobs queued before any
@@ -285,11 +310,13 @@ class StreamQueue:
         return entries
 
     async def reclaim(self, count: int) -> Reclaimed:
-        """Takes over entries idle past the visibility timeout: their replica stopped renewing
-        its lease (it died, or froze). One script per lane (`reclaim-2.lua`) reads a bounded
-        page of the pending list from where the last pass stopped, so a pass costs O(count)
-        whatever the list's length, and claims only the stale rows (XCLAIM re-checks the idle
-        time, so two replicas reclaiming at once cannot both win one). Stale entries deleted
+        """Takes over entries whose replica is gone: idle past the visibility timeout (it
+        stopped renewing its lease: it died, or froze), or held by a replica whose heartbeat
+        lapsed (it died: killed, or its node lost), once we trust heartbeats. One script per
+        lane (`reclaim-2.lua`) reads a bounded page of the pending list from where the last
+        pass stopped, so a pass costs O(count) whatever the list's length, and claims only the
+        stale rows in the same atomic step (two replicas reclaiming at once cannot both win
+        one). Stale entries deleted
         while pending are recorded as dead letters by the same script. A lane that fails is
         reported in `errors`; what the others claimed is returned all the same."""
         min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
@@ -307,6 +334,7 @@ class StreamQueue:
                         self.settings.dead_maxlen,
                         PRIORITIES[lane],
                         alive_key(self.model, ""),
+                        "1" if self.trusts_heartbeats() else "0",
                     ],
                 )
             except ResponseError as exc:
@@ -591,11 +619,16 @@ class StreamQueue:
         return total
 
     async def leave(self) -> None:
-        """Removes this consumer from the group, but only when it holds no pending entry.
+        """Ends this replica's heartbeat, so that whatever it still holds (a stop that could
+        not finish) is reclaimed at once; then removes this consumer from the group, but only
+        when it holds no pending entry.
 
         XGROUP DELCONSUMER drops the consumer's pending entries from the group, which would
-        lose them: so it runs only after a clean drain.
+        lose them: so it runs only after a clean drain. (EXPIRE 0 deletes the key with the
+        worker's rights, which have no DEL.)
         """
+        self._left = True
+        await self.redis.expire(self._alive, 0)
         if await self.pending_count() == 0:
             for key in self.lanes:
                 with contextlib.suppress(ResponseError):

@@ -31,6 +31,12 @@ class QueueSettings(BaseModel):
                 f"lease_interval_s must be at most visibility_timeout_s / 2 "
                 f"({self.visibility_timeout_s / 2}), got {self.lease_interval_s}"
             )
+        # A heartbeat must survive a late beat or two, or a live replica looks dead.
+        if self.heartbeat_ttl_s < 3 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_ttl_s must be at least 3 x heartbeat_interval_s "
+                f"({3 * self.heartbeat_interval_s}), got {self.heartbeat_ttl_s}"
+            )
         return self
 
     block_ms: int = Field(1000, ge=1, le=60_000, description="XREADGROUP BLOCK when idle")
@@ -38,6 +44,15 @@ class QueueSettings(BaseModel):
         60.0, gt=0, description="an entry pending this long on another consumer is reclaimed"
     )
     reclaim_interval_s: float = Field(5.0, gt=0, description="how often a replica looks")
+    heartbeat_interval_s: float = Field(
+        1.0, gt=0, description="how often a replica says it is alive (sluice:{M}:alive:<consumer>)"
+    )
+    heartbeat_ttl_s: float = Field(
+        5.0,
+        gt=0,
+        description="a replica silent this long is dead: its entries are reclaimed at once, "
+        "without waiting for visibility_timeout_s",
+    )
     lease_interval_s: float | None = Field(
         None,
         gt=0,

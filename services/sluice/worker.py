@@ -134,13 +134,14 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the loops (pull, write, lease, intake: owned tasks on the running event
-        loop) and the model thread."""
+        """Starts the loops (pull, write, lease, heartbeat, intake: owned tasks on the running
+        event loop) and the model thread."""
         self._loop = asyncio.get_running_loop()
         self._own("pull", self._loop.create_task(self._pull_loop()))
         self._own("run", self._loop.run_in_executor(self._model_pool, self._stage.run_forever))
         self._own("write", self._loop.create_task(self._write_loop()))
         self._own("lease", self._loop.create_task(self._lease_loop()))
+        self._own("heartbeat", self._loop.create_task(self._heartbeat_loop()))
         self._own("intake", self._loop.create_task(self._intake.run(self._stopping)))
         if isinstance(self._stage, ContinuousStage):
             self._own("cancels", self._loop.create_task(self._cancel_loop(self._stage)))
@@ -176,7 +177,7 @@ class Worker:
 
         Each stage drains into the next before it is told to stop, so nothing pulled is left
         unanswered; past `timeout_s` the loops are cancelled and any entry still pending is
-        reclaimed by another replica after the visibility timeout.
+        handed back: the heartbeat ends with the stop, so another replica reclaims it at once.
         """
         self._stopping.set()
         for retry in self._retrying:
@@ -192,7 +193,6 @@ class Worker:
                     await asyncio.wrap_future(self._last_emit)
                 await self._write_q.put(None)
                 await asyncio.wait([self._tasks["write"]])
-                await self.queue.leave()
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning("stop of %s was not clean: %r", self.model.name, exc)
         finally:
@@ -203,6 +203,17 @@ class Worker:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             for pool in (self._prep_pool, self._model_pool, self._finish_pool):
                 pool.shutdown(wait=False, cancel_futures=True)
+        # After the loops: no renewal or heartbeat may come after it.
+        try:
+            async with asyncio.timeout(5.0):
+                await self.queue.leave()
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.warning(
+                "%s could not leave the group (%r): what it holds is reclaimed after "
+                "heartbeat_ttl_s",
+                self.model.name,
+                exc,
+            )
         log.info("worker for %s stopped: %s", self.model.name, self.stats)
 
     # -- pull ---------------------------------------------------------------------------------
@@ -214,6 +225,8 @@ class Worker:
             try:
                 if not group_ready:
                     # Again after every outage: a Redis restarted empty lost groups and library.
+                    # The heartbeat first: entries pulled by a silent consumer may be taken.
+                    await self.queue.heartbeat()
                     await self.queue.ensure_group()
                     await self.queue.register(self._registration())
                     group_ready = True
@@ -287,6 +300,22 @@ class Worker:
             self.stats.leases_renewed += renewed.renewed
             self.stats.leases_lost += len(renewed.taken)
             self.metrics.leases_lost(len(renewed.taken))
+
+    async def _heartbeat_loop(self) -> None:
+        """Says this replica is alive every `heartbeat_interval_s`, until it stops: once it is
+        killed, other replicas take its entries within `heartbeat_ttl_s`, not a visibility
+        timeout. An outage is logged once, when it starts (the pull loop logs it too)."""
+        failing = False
+        while True:
+            try:
+                await self.queue.heartbeat()
+                failing = False
+            except (RedisError, OSError) as exc:
+                self.stats.redis_errors += 1
+                if not failing:
+                    log.warning("could not send the heartbeat (%r); retrying", exc)
+                failing = True
+            await asyncio.sleep(self.limits.heartbeat_interval_s)
 
     async def _cancel_loop(self, stage: ContinuousStage) -> None:
         """Drops generation jobs cancelled while they run (a cancel stores their result) from

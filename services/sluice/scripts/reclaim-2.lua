@@ -1,16 +1,21 @@
 -- KEYS: one lane, the model's dead stream.
 -- ARGV: group, consumer, min idle ms, cursor ('-' to start), count, dead MAXLEN, lane name,
--- the prefix of the model's heartbeat keys (sluice:{M}:alive:).
--- Takes over up to `count` entries whose owner stopped renewing its lease (idle past the
--- visibility timeout). It reads at most 10 x count rows of the pending list, from the cursor
--- on, so a pass costs O(count) however long the pending list is (as XAUTOCLAIM does), and
--- only entries idle that long are touched: a live replica's entries never are.
+-- the prefix of the model's heartbeat keys (sluice:{M}:alive:), and '1' to take the entries
+-- of silent owners at once ('0': only by idle time).
+-- Takes over up to `count` entries whose owner is gone: idle past the visibility timeout (it
+-- stopped renewing its lease), or, with ARGV[9] = '1', held by a consumer whose heartbeat key
+-- has expired (it died: a killed replica's jobs need not wait out the timeout). The caller
+-- asks for the second only once its own heartbeat has landed for a whole heartbeat TTL: after
+-- a Redis outage every heartbeat has lapsed, live replicas' too, until they beat again.
+-- It reads at most 10 x count rows of the pending list, from the cursor on, so a pass costs
+-- O(count) however long the pending list is (as XAUTOCLAIM does); a live replica's entries
+-- (renewed, heartbeat alive) are never touched.
 -- A stale entry that was deleted from the lane while pending (a trim, an XDEL), whose owner is
--- gone too (its heartbeat key expired), cannot be claimed: it is recorded here, in the same step, as a dead letter with reason
--- `deleted_while_pending` (entry id, lane, deliveries, last owner) and acked off the pending
--- list, so none vanishes unrecorded. (XAUTOCLAIM and XCLAIM would drop it silently, and
--- XAUTOCLAIM even those of live owners.) If the dead stream refuses the letter, the entry
--- stays pending, to be recorded on a later pass.
+-- gone too (its heartbeat key expired), cannot be claimed: it is recorded here, in the same
+-- step, as a dead letter with reason `deleted_while_pending` (entry id, lane, deliveries, last
+-- owner) and acked off the pending list, so none vanishes unrecorded. (XAUTOCLAIM and XCLAIM
+-- would drop it silently, and XAUTOCLAIM even those of live owners.) If the dead stream
+-- refuses the letter, the entry stays pending, to be recorded on a later pass.
 -- Returns {next cursor ('-' once the list was read to its end), {{id, fields, deliveries},
 -- ...}, {deleted entry id, ...}}.
 local count = tonumber(ARGV[5])
@@ -20,13 +25,20 @@ local cursor = '-'
 if #rows == count * 10 then cursor = '(' .. rows[#rows][1] end
 -- A live replica stops renewing an entry deleted under it (XCLAIM would drop it) but keeps its
 -- heartbeat key alive (renew-2.lua), and still answers that job by id: its entry is left alone.
+-- Asked once per owner a pass: a page holds many rows of few owners.
+local gone = {}
 local function owner_gone(owner)
-  return redis.call('EXISTS', ARGV[8] .. owner) == 0
+  if gone[owner] == nil then
+    gone[owner] = redis.call('EXISTS', ARGV[8] .. owner) == 0
+  end
+  return gone[owner]
 end
+local take_silent = ARGV[9] == '1'
 local stale, deliveries, deleted = {}, {}, {}
 for _, row in ipairs(rows) do
   local id, owner, idle, times = row[1], row[2], row[3], row[4]
-  if idle >= min_idle then
+  local silent = take_silent and owner ~= ARGV[2] and owner_gone(owner)
+  if idle >= min_idle or silent then
     if #redis.call('XRANGE', KEYS[1], id, id) > 0 then
       stale[#stale + 1] = id
       deliveries[id] = times + 1  -- XCLAIM counts this delivery
@@ -47,7 +59,9 @@ for _, row in ipairs(rows) do
 end
 local claimed = {}
 if #stale > 0 then
-  local args = {KEYS[1], ARGV[1], ARGV[2], min_idle}
+  -- Min idle 0: what was checked above still holds, the script being one atomic step (no
+  -- other reclaimer, nor a renewal, can come between), and a silent owner's rows may be young.
+  local args = {KEYS[1], ARGV[1], ARGV[2], 0}
   for _, id in ipairs(stale) do args[#args + 1] = id end
   for _, entry in ipairs(redis.call('XCLAIM', unpack(args))) do
     claimed[#claimed + 1] = {entry[1], entry[2], deliveries[entry[1]]}
