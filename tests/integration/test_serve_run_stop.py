@@ -1,0 +1,155 @@
+"""`serve run deployments/*.yaml`, Ray's own CLI, stopped by each signal, to its pid and to its
+group (issue 19): it exits, leaves no Ray process behind, prints nothing alarming, and loses
+no job.
+
+Ray's CLI decides how it stops, not Sluice:
+- SIGINT (Ctrl-C): `serve run` deletes the apps, so the replicas finish and answer what they
+  hold (Serve's graceful stop): nothing is left pending.
+- SIGTERM: Ray's driver exits at once and takes its local cluster with it: the replicas are
+  killed outright and what they held stays pending. Their heartbeats lapse with them, so the
+  next replica to run takes those jobs within seconds (`heartbeat_ttl_s` plus
+  `reclaim_interval_s`), not a visibility timeout (60 s here) later. With
+  RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1, as README says, Ray prints no stack trace for it.
+- A SIGINT inherited as ignored (`serve run ... &` from a script) cannot reach Ray's CLI:
+  SIGTERM still stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from sluice.protocol import GROUP, MODELS_KEY, jobs_key, result_key
+from sluice.stack import RedisServer
+from sluice.supervisor import kill_session, session_members
+from tests.helpers import null_replica, wait_for, xadd_jobs
+from tests.integration.test_local_stack import ALARMING
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+SERVE = ROOT / ".venv" / "bin" / "serve"
+JOBS = 20_000
+# Printed by Ray's CLI itself, whatever it serves; README says what they mean. The first at
+# every start (a cluster started with token authentication), the second on Ctrl-C (the Serve
+# controller kills itself while its own shutdown call is still counted as running).
+RAYS_OWN_NOTICES = ("Token authentication is enabled", "Task ServeController.graceful_shutdown")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, tiny_bert) -> Path:
+    """deployments/local.yaml with the tiny model in batches of 2 (so that a stop comes in the
+    middle of a drain: in batches of 64 it drains 60,000 jobs in 5 s), as shipped otherwise (a
+    visibility timeout of 60 s: no test here may wait it out)."""
+    config = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
+    app = config["applications"][0]
+    app["args"]["model"].update(model_path=tiny_bert, torch_threads=1, max_batch_size=2)
+    app["deployments"][0]["ray_actor_options"]["num_cpus"] = 0.5
+    assert app["args"]["queue"]["visibility_timeout_s"] == 60
+    path = tmp_path_factory.mktemp("serve-run") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def server():
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+def serve_run(config: Path, url: str, log: Path, *, ignore_sigint: bool) -> subprocess.Popen[bytes]:
+    """`serve run CONFIG` as README shows it, in a session of its own (so that a group
+    signal reaches only what it started)."""
+
+    def prepare() -> None:
+        os.setsid()
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    env = {
+        **os.environ,
+        "SLUICE_REDIS_URL": url,
+        "RAY_ADDRESS": "local",
+        "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
+    }
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [str(SERVE), "run", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=prepare,
+            env=env,
+        )
+
+
+def answered(client: redis.Redis, ids: list[str]) -> int:
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.exists(result_key("minilm", job_id))
+        return sum(pipe.execute())
+
+
+@pytest.mark.parametrize(
+    ("sig", "to_group", "ignore_sigint"),
+    [
+        (signal.SIGINT, False, False),
+        (signal.SIGINT, True, False),
+        (signal.SIGTERM, False, False),
+        (signal.SIGTERM, True, False),
+        (signal.SIGTERM, False, True),
+    ],
+    ids=["sigint-pid", "sigint-group", "sigterm-pid", "sigterm-group", "sigterm-sigint-ignored"],
+)
+def test_serve_run_stops_on_each_signal_and_loses_no_job(
+    tmp_path, config, server, sig, to_group, ignore_sigint
+):
+    log = tmp_path / "serve-run.log"
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    proc = serve_run(config, server.url, log, ignore_sigint=ignore_sigint)
+    try:
+        wait_for(lambda: client.sismember(MODELS_KEY, "minilm"), 180, 0.2, "the replica")
+        ids = xadd_jobs(client, "minilm", [f"job number {i}" for i in range(JOBS)], prefix="sr")
+        wait_for(lambda: client.exists(result_key("minilm", ids[0])), 60, what="a first result")
+
+        if to_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        status = proc.wait(90)
+        wait_for(lambda: not session_members(proc.pid), 30, 0.2, "Ray's processes to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_session(proc.pid, grace_s=1.0)
+
+    text = log.read_text()
+    assert status in (0, 1, sig, -sig, 128 + sig), f"status {status}\n{text[-3000:]}"
+    alarming = [
+        line
+        for line in text.splitlines()
+        if any(a in line for a in ALARMING) and not any(n in line for n in RAYS_OWN_NOTICES)
+    ]
+    assert not alarming, "\n".join(alarming)
+    done = answered(client, ids)
+    assert 0 < done < len(ids), "the stop did not come mid-drain"
+    pending = int(client.xpending(jobs_key("minilm"), GROUP)["pending"])
+    if sig == signal.SIGINT:
+        assert pending == 0, "a graceful stop left jobs held by a stopped replica"
+
+    # The next replica: every job answered, those the stopped ones held within seconds.
+    started = time.monotonic()
+    with null_replica(server.url, "minilm"):
+        wait_for(lambda: answered(client, ids) == len(ids), 60, 0.5, "every job answered")
+        took_s = time.monotonic() - started
+    assert int(client.xpending(jobs_key("minilm"), GROUP)["pending"]) == 0
+    if pending:
+        # Heartbeat TTL, the new replica's own TTL of trust and a reclaim pass: 15 s at most.
+        assert took_s < 40, f"{pending} held jobs waited {took_s:.0f}s (visibility timeout 60)"
+    client.close()
