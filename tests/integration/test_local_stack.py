@@ -99,18 +99,33 @@ def stopped(
 ALARMING = ("Traceback", "SIGTERM received", "logging.cc", "failed", "Token authentication")
 
 
-def test_up_stops_on_sigint_it_inherited_as_ignored_and_leaves_nothing(tmp_path, tiny_config):
-    """`sluice up &` from a script: SIGINT ignored on the way in, and still the way to stop it;
-    the redis-server it started goes with it."""
+@pytest.mark.parametrize(
+    ("sig", "to_group", "ignore_sigint"),
+    [
+        (signal.SIGINT, False, True),
+        (signal.SIGTERM, False, False),
+        (signal.SIGINT, True, False),
+    ],
+    ids=["sigint-pid-inherited-ignored", "sigterm-pid", "sigint-group"],
+)
+def test_up_stops_in_order_on_each_signal_and_leaves_nothing(
+    tmp_path, tiny_config, sig, to_group, ignore_sigint
+):
+    """`sluice up &` from a script (SIGINT ignored on the way in, and still the way to stop
+    it), `kill PID`, Ctrl-C in a terminal (the group): one orderly stop, and the redis-server
+    it started goes with it. (SIGTERM to the group, mid-drain: the next test.)"""
     url = f"redis://127.0.0.1:{free_port()}/0"
     log = tmp_path / "up.log"
-    proc = start_up(tiny_config, url, log, ignore_sigint=True)
+    proc = start_up(tiny_config, url, log, ignore_sigint=ignore_sigint)
     child = serving(proc, log)
     client = redis.Redis.from_url(url)
     client.xadd(jobs_key("minilm"), {"id": "up-1", "input": '{"text": "hi"}'})
     wait_for(lambda: client.get(result_key("minilm", "up-1")), 60, what="a result")
 
-    proc.send_signal(signal.SIGINT)
+    if to_group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     text = stopped(proc, log, child)
     assert "stopping" in text and "stack stopped." in text
     assert not [line for line in text.splitlines() if any(a in line for a in ALARMING)], text
