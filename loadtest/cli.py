@@ -57,8 +57,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     add = p.add_argument
     add("--duration", type=float, default=20.0, help="measured seconds per run (20)")
     add("--warmup", type=float, default=3.0, help="seconds before it, not counted (3)")
-    add("--arrival", choices=("poisson", "gamma", "constant", "ramp", "trace"),
-        default="poisson", help="arrival process of the open loop (poisson)")  # fmt: skip
+    add(
+        "--arrival",
+        choices=("poisson", "gamma", "constant", "ramp", "trace"),
+        default="poisson",
+        help="arrival process of the open loop (poisson)",
+    )
     add("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
     add("--ramp-from", type=float, help="ramp: starting rate (default rate/10)")
     add("--trace", type=Path, help="trace: JSON or CSV file of send offsets (s)")
@@ -152,9 +156,12 @@ def model_settings(ns: argparse.Namespace, model: str) -> ModelSettings:
     from sluice.settings import ModelSettings
 
     return ModelSettings(
-        name=model, model_path=ns.model_path, max_batch_size=ns.batch_size,
-        torch_threads=ns.threads, dtype=ns.dtype,
-    )  # fmt: skip
+        name=model,
+        model_path=ns.model_path,
+        max_batch_size=ns.batch_size,
+        torch_threads=ns.threads,
+        dtype=ns.dtype,
+    )
 
 
 def make_target(name: str, ns: argparse.Namespace, url: str | None, model: str) -> Target:
@@ -194,18 +201,28 @@ def offsets(ns: argparse.Namespace, rate: float) -> list[float]:
 
 def one_open(target: Target, ns: argparse.Namespace, rate: float) -> Json:
     record: RunRecord = run_open(
-        target, offsets(ns, rate), warmup_s=ns.warmup, duration_s=ns.duration,
-        drain_timeout_s=ns.drain_timeout, max_group=ns.max_group,
-        progress=not ns.no_progress, label=f"{rate:g}/s",
-    )  # fmt: skip
+        target,
+        offsets(ns, rate),
+        warmup_s=ns.warmup,
+        duration_s=ns.duration,
+        drain_timeout_s=ns.drain_timeout,
+        max_group=ns.max_group,
+        progress=not ns.no_progress,
+        label=f"{rate:g}/s",
+    )
     return {**stats.summarize(record, ns.slo_ms), "rate": rate}
 
 
 def one_closed(target: Target, ns: argparse.Namespace, clients: int) -> Json:
     record = run_closed(
-        target, clients, warmup_s=ns.warmup, duration_s=ns.duration,
-        drain_timeout_s=ns.drain_timeout, progress=not ns.no_progress, label=f"c={clients}",
-    )  # fmt: skip
+        target,
+        clients,
+        warmup_s=ns.warmup,
+        duration_s=ns.duration,
+        drain_timeout_s=ns.drain_timeout,
+        progress=not ns.no_progress,
+        label=f"c={clients}",
+    )
     return stats.summarize(record, ns.slo_ms)
 
 

@@ -60,14 +60,32 @@ Bar: TypeAlias = "tqdm[Any]"
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES: dict[str, Json] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, vocab_size=1024),
-    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=2, intermediate_size=1408, vocab_size=32000),
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
-                         tie_word_embeddings=True),
-}  # fmt: skip
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1024,
+    ),
+    "small": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1408,
+        vocab_size=32000,
+    ),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+}
 SPOT = 4  # requests in the correctness spot check
 
 
@@ -259,10 +277,15 @@ def spot_check(model: Any, reqs: list[Req], tokens: dict[str, list[int]], dtype:
 
 
 PATHS = ("static", "continuous")
-METRICS = [("useful tokens/s", "tokens_per_s"), ("requests/s", "requests_per_s")] + [
-    (f"{name} {q} (ms)", f"{name.lower()}_{q}_ms") for name in ("TTFT", "TPOT", "e2e")
-    for q in ("p50", "p99")
-] + [("decode step p50 (ms)", "decode_step_ms_p50")]  # fmt: skip
+METRICS = (
+    [("useful tokens/s", "tokens_per_s"), ("requests/s", "requests_per_s")]
+    + [
+        (f"{name} {q} (ms)", f"{name.lower()}_{q}_ms")
+        for name in ("TTFT", "TPOT", "e2e")
+        for q in ("p50", "p99")
+    ]
+    + [("decode step p50 (ms)", "decode_step_ms_p50")]
+)
 
 
 def summary(runs: list[Json]) -> list[tuple[str, list[float]]]:
@@ -380,10 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary(runs)
     params = sum(p.numel() for p in model.parameters())
     report = save_repeats(
-        out, ns, started, rows, runs, spot_check=check,
+        out,
+        ns,
+        started,
+        rows,
+        runs,
+        spot_check=check,
         model={"name": ns.model_path or ns.shape, "parameters": params},
         machine=machine_info() | {"torch_threads": torch.get_num_threads()},
-    )  # fmt: skip
+    )
     if ns.plot:
         plot(runs[-1], out.with_suffix(".png"))
     print(

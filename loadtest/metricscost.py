@@ -32,8 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.metricscost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.metricscost",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add = p.add_argument
     add("--n", type=int, default=3000, help="jobs per drain (3000)")
     add("--repeats", type=int, default=5, help="on/off alternations (5)")
@@ -87,12 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(ratio=f"{run['ratio']:.3f}")
             runs.append(run)
     bar.close()
-    rows = [("metrics on, jobs/s", [run["on"]["per_s"] for run in runs]),
-            ("metrics off, jobs/s", [run["off"]["per_s"] for run in runs]),
-            ("on / off", [run["ratio"] for run in runs])]  # fmt: skip
+    rows = [
+        ("metrics on, jobs/s", [run["on"]["per_s"] for run in runs]),
+        ("metrics off, jobs/s", [run["off"]["per_s"] for run in runs]),
+        ("on / off", [run["ratio"] for run in runs]),
+    ]
     save_repeats(out, ns, started, rows, runs, serve_config=config, machine=machine_info())
-    print(f"\n{ns.n} jobs a drain, {ns.repeats} repeats, {ns.model_path}, batch {ns.batch_size}, "
-          f"{ns.threads} torch thread(s)\n")  # fmt: skip
+    print(
+        f"\n{ns.n} jobs a drain, {ns.repeats} repeats, {ns.model_path}, batch {ns.batch_size}, "
+        f"{ns.threads} torch thread(s)\n"
+    )
     print_medians(rows)
     print(f"report: {out}")
     return 0

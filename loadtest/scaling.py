@@ -75,13 +75,17 @@ def serve_config(ns: argparse.Namespace) -> Json:
 
     config = yaml.safe_load(ns.config.read_text())
     app = config["applications"][0]
-    app["args"]["model"].update(model_path=ns.model_path, torch_threads=ns.threads,
-                                dtype=ns.dtype)  # fmt: skip
+    app["args"]["model"].update(model_path=ns.model_path, torch_threads=ns.threads, dtype=ns.dtype)
     [deployment] = app["deployments"]
     scaling = deployment["autoscaling_config"]
     # Down again within seconds, so every repeat starts from zero; up exactly as shipped.
-    scaling.update(min_replicas=0, initial_replicas=0, max_replicas=2, downscale_delay_s=3,
-                   downscale_to_zero_delay_s=3)  # fmt: skip
+    scaling.update(
+        min_replicas=0,
+        initial_replicas=0,
+        max_replicas=2,
+        downscale_delay_s=3,
+        downscale_to_zero_delay_s=3,
+    )
     deployment["ray_actor_options"] = {"num_cpus": 1}
     return {**config, "applications": [app]}
 
@@ -210,8 +214,13 @@ def cycle(k: int, app: str, r: redis.Redis, ns: argparse.Namespace, bar: tqdm) -
     finally:
         sampler.close()
     points = [(t - start, n, total, b) for t, n, total, b in sampler.points]
-    return {"cold": cold, "burst": burst, "burst_at_s": burst_at - start,
-            "cold_at_s": submitted - start, "samples": points}  # fmt: skip
+    return {
+        "cold": cold,
+        "burst": burst,
+        "burst_at_s": burst_at - start,
+        "cold_at_s": submitted - start,
+        "samples": points,
+    }
 
 
 def plot(runs: list[Json], out: Path) -> None:
@@ -233,8 +242,11 @@ def plot(runs: list[Json], out: Path) -> None:
         for at, name in ((run["cold_at_s"], "1 job"), (run["burst_at_s"], "burst")):
             ax.axvline(at, color="k", lw=0.8, ls="--")
             ax.annotate(name, (at, 2.3), fontsize=8)
-        ax.set_title(f"repeat {k + 1}: cold {run['cold']['total_s']:.1f}s, "
-                     f"reaction {run['burst']['reaction_s']:.1f}s", fontsize=9)  # fmt: skip
+        ax.set_title(
+            f"repeat {k + 1}: cold {run['cold']['total_s']:.1f}s, "
+            f"reaction {run['burst']['reaction_s']:.1f}s",
+            fontsize=9,
+        )
         ax.legend(loc="upper right", fontsize=7)
     axes[-1, 0].set_xlabel("seconds")
     fig.tight_layout()
@@ -242,8 +254,11 @@ def plot(runs: list[Json], out: Path) -> None:
 
 
 def summarize(runs: list[Json]) -> list[tuple[str, list[float]]]:
-    return [(f"{part}.{name}", [run[part][name] for run in runs])
-            for part in ("cold", "burst") for name in runs[0][part]]  # fmt: skip
+    return [
+        (f"{part}.{name}", [run[part][name] for run in runs])
+        for part in ("cold", "burst")
+        for name in runs[0][part]
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

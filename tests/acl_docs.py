@@ -36,8 +36,10 @@ def doc_acl_lines(passwords: Mapping[str, str], doc: Path = DOC) -> list[str]:
     for line in lines:
         words = line.split()
         if words[:2] != ["ACL", "SETUSER"] or words[2] not in PLACEHOLDERS:
-            raise ValueError(f"a ```redis line of {doc.name} that is not ACL SETUSER of "
-                             f"{sorted(PLACEHOLDERS)}: {line!r}")  # fmt: skip
+            raise ValueError(
+                f"a ```redis line of {doc.name} that is not ACL SETUSER of "
+                f"{sorted(PLACEHOLDERS)}: {line!r}"
+            )
     text = "\n".join(lines)
     for user, placeholder in PLACEHOLDERS.items():
         if placeholder not in text:

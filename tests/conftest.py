@@ -135,11 +135,17 @@ def build_tiny_classifier(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=len(SENTIMENT),
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=len(SENTIMENT),
         initializer_range=1.0,
-        id2label=SENTIMENT, label2id={v: k for k, v in SENTIMENT.items()},
-    )  # fmt: skip
+        id2label=SENTIMENT,
+        label2id={v: k for k, v in SENTIMENT.items()},
+    )
     # Wide initial weights (initializer_range): at the default 0.02 a random model scores every
     # text alike, and label checks could not fail.
     BertForSequenceClassification(config).save_pretrained(folder)
@@ -288,11 +294,17 @@ def build_tiny_generator(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     # A large init makes attention sharp, so a wrong position or mask changes greedy tokens.
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        initializer_range=0.5, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.5,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    )
     model = Qwen2ForCausalLM(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -294,8 +294,9 @@ def _stack(args: argparse.Namespace, settings: Settings) -> Any:
     checked_config(args.config)
     url = args.redis_url or settings.redis_url
     print(f"starting the local stack: redis {url}, Ray, {args.config} ...", flush=True)
-    return LocalStack(args.config, redis_url=url, num_cpus=args.num_cpus,
-                      metrics_port=args.metrics_port)  # fmt: skip
+    return LocalStack(
+        args.config, redis_url=url, num_cpus=args.num_cpus, metrics_port=args.metrics_port
+    )
 
 
 def _try_hint(config_path: str, redis_url: str | None = None) -> str:
@@ -509,8 +510,9 @@ def _final_line(job_id: str, final: Result, cancelling: bool) -> str:
 
 
 def _redis(args: argparse.Namespace, settings: Settings, **options: Any) -> SyncRedis:
-    return connect_sync(args.redis_url or settings.redis_url, cluster=settings.redis_cluster,
-                        **options)  # fmt: skip
+    return connect_sync(
+        args.redis_url or settings.redis_url, cluster=settings.redis_cluster, **options
+    )
 
 
 def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -523,8 +525,10 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{args.model}: {total} dead letters" + (f", newest {len(rows)}:" if rows else ""))
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["dead_at_ms"] / 1000))
-        print(f"  {row['dead_id']}  {when}  id={row['id']}  lane={row['lane']}  "
-              f"deliveries={row['deliveries']}  {row['reason']}")  # fmt: skip
+        print(
+            f"  {row['dead_id']}  {when}  id={row['id']}  lane={row['lane']}  "
+            f"deliveries={row['deliveries']}  {row['reason']}"
+        )
     return 0
 
 
@@ -600,8 +604,15 @@ def _safe_status(client: SyncRedis, model: str) -> dict[str, Any]:
         raise  # not this model's problem: the whole connection is in the wrong mode
     except redis.ResponseError as exc:
         # One model's keys in a bad state must not hide the others.
-        return {"model": model, "depth": None, "pending": None, "lag": None,
-                "dead_letters": None, "consumers": [], "error": str(exc)}  # fmt: skip
+        return {
+            "model": model,
+            "depth": None,
+            "pending": None,
+            "lag": None,
+            "dead_letters": None,
+            "consumers": [],
+            "error": str(exc),
+        }
 
 
 def model_status(client: SyncRedis, model: str) -> dict[str, Any]:

@@ -273,8 +273,11 @@ def _families(readings: Sequence[ModelReading]) -> list[Metric]:
 
 def redis_connector(url: str, cluster: bool = False) -> Connect:
     """Makes the exporter's client: decoded replies, short timeouts."""
-    options: dict[str, Any] = {"decode_responses": True, "socket_timeout": 5,
-                               "socket_connect_timeout": 2}  # fmt: skip
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": 5,
+        "socket_connect_timeout": 2,
+    }
     if not cluster:
         # No retries: redis-py's default backoff holds a scrape for seconds when Redis is
         # down, past Prometheus' scrape timeout; the next scrape is the retry. (A cluster
@@ -343,9 +346,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     where = urlsplit(url)  # never the password into a log
-    log.info("serving http://%s:%d/metrics, reading Redis at %s:%s, models: %s", args.address,
-             server.server_port, where.hostname, where.port or 6379,
-             ", ".join(collector.models) or "every registered")  # fmt: skip
+    log.info(
+        "serving http://%s:%d/metrics, reading Redis at %s:%s, models: %s",
+        args.address,
+        server.server_port,
+        where.hostname,
+        where.port or 6379,
+        ", ".join(collector.models) or "every registered",
+    )
     try:
         stop.wait()
     except KeyboardInterrupt:

@@ -506,10 +506,13 @@ class StreamQueue:
         if not pushes:
             return
         limits = (self.settings.reply_maxlen, self.settings.reply_ttl_s)
-        results = await run_scripts(self.redis, [
-            ScriptCall(self._push_reply, [reply_to], [job_id, body, *limits])
-            for reply_to, job_id, body in pushes
-        ])  # fmt: skip
+        results = await run_scripts(
+            self.redis,
+            [
+                ScriptCall(self._push_reply, [reply_to], [job_id, body, *limits])
+                for reply_to, job_id, body in pushes
+            ],
+        )
         for res in results:
             if isinstance(res, Exception) and not isinstance(res, NoPermissionError):
                 raise res
@@ -539,10 +542,13 @@ class StreamQueue:
         if not deltas:
             return 0
         limits = (self.settings.reply_maxlen, self.settings.reply_ttl_s)
-        results = await run_scripts(self.redis, [
-            ScriptCall(self._push_token, [reply_to], [job_id, seq, text, attempt, *limits])
-            for reply_to, job_id, seq, text, attempt in deltas
-        ])  # fmt: skip
+        results = await run_scripts(
+            self.redis,
+            [
+                ScriptCall(self._push_token, [reply_to], [job_id, seq, text, attempt, *limits])
+                for reply_to, job_id, seq, text, attempt in deltas
+            ],
+        )
         return sum(1 for res in results if res == 1)
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> int:
@@ -566,11 +572,20 @@ class StreamQueue:
                 "lane": PRIORITIES[d.lane],
             }
             pairs = bounded_fields(d.fields, added, self.settings.dead_entry_max_bytes)
-            calls.append(ScriptCall(
-                self._dead_letter, [self.lanes[d.lane], self.dead_key, key],
-                [d.entry_id, GROUP, self.settings.dead_maxlen, result,
-                 self.settings.result_ttl_s, *pairs],
-            ))  # fmt: skip
+            calls.append(
+                ScriptCall(
+                    self._dead_letter,
+                    [self.lanes[d.lane], self.dead_key, key],
+                    [
+                        d.entry_id,
+                        GROUP,
+                        self.settings.dead_maxlen,
+                        result,
+                        self.settings.result_ttl_s,
+                        *pairs,
+                    ],
+                )
+            )
         replies = await run_scripts(self.redis, calls)
         # Each letter on its own: one the dead stream refused must not keep the others (done
         # already, their results stored) from their pushes and acks.

@@ -96,8 +96,17 @@ RunItem = Ran | list[Outcome] | Retry
 def outcome_of(job: Job | BadEntry, result: Result) -> Outcome:
     code = result.error["code"] if result.error else ""
     enqueued_ms = float(job.enqueued_ms) if isinstance(job, Job) else 0.0
-    return Outcome(job.entry_id, result.id, result.to_json(), job.reply_to, result.status,
-                   job.lane, code, enqueued_ms, result.timings)  # fmt: skip
+    return Outcome(
+        job.entry_id,
+        result.id,
+        result.to_json(),
+        job.reply_to,
+        result.status,
+        job.lane,
+        code,
+        enqueued_ms,
+        result.timings,
+    )
 
 
 def failed(model: str, job: Job, err: SluiceError) -> Outcome:

@@ -258,9 +258,10 @@ class GatewayOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: Annotated[list[str] | None, NoDecode] = Field(
-        None, description="models served over HTTP (comma-separated in the env); unset: any "
-        "registered model"
-    )  # fmt: skip
+        None,
+        description="models served over HTTP (comma-separated in the env); unset: any "
+        "registered model",
+    )
     max_body_bytes: int = Field(
         4_194_304, ge=1024, le=1 << 30, description="largest request body accepted (413 above)"
     )

@@ -104,10 +104,19 @@ class RedisServer:
         if self.tls is None:
             return ["--port", str(self.port)]
         return [
-            "--port", "0", "--tls-port", str(self.port),
-            "--tls-cert-file", self.tls.cert_file, "--tls-key-file", self.tls.key_file,
-            "--tls-ca-cert-file", self.tls.ca_file, "--tls-auth-clients", "no",
-        ]  # fmt: skip
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            self.tls.cert_file,
+            "--tls-key-file",
+            self.tls.key_file,
+            "--tls-ca-cert-file",
+            self.tls.ca_file,
+            "--tls-auth-clients",
+            "no",
+        ]
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         args = [
@@ -183,12 +192,22 @@ class LocalRedisCluster:
         # The bus port is chosen too (`cluster-port`, Redis 7): the default, port + 10000,
         # may be taken, or past 65535 for a high free port.
         self.servers = [
-            RedisServer(port, extra_args=(
-                "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
-                "--cluster-port", str(bus), "--cluster-node-timeout", "5000",
-            ), acl_lines=acl_lines)
+            RedisServer(
+                port,
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{port}.conf",
+                    "--cluster-port",
+                    str(bus),
+                    "--cluster-node-timeout",
+                    "5000",
+                ),
+                acl_lines=acl_lines,
+            )
             for port, bus in zip(ports[:masters], ports[masters:], strict=True)
-        ]  # fmt: skip
+        ]
 
     @property
     def url(self) -> str:
@@ -204,13 +223,23 @@ class LocalRedisCluster:
                 server.start()
             nodes = [f"127.0.0.1:{s.port}" for s in self.servers]
             done = subprocess.run(
-                [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "0",
-                 "--cluster-yes"],
-                capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()),
-            )  # fmt: skip
+                [
+                    self.cli,
+                    "--cluster",
+                    "create",
+                    *nodes,
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, deadline - time.monotonic()),
+            )
             if done.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}"
-                                   f"{done.stderr[-2000:]}")  # fmt: skip
+                raise RuntimeError(
+                    f"redis-cli --cluster create failed: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+                )
             self._wait_ok(deadline)
         except BaseException:
             self.cleanup()

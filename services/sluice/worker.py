@@ -79,8 +79,14 @@ class WorkerStats:
 class Worker:
     """Serves one model's stream until stopped."""
 
-    def __init__(self, queue: StreamQueue, runner: Runner, model: ModelSettings,
-                 limits: QueueSettings, metrics: Metrics | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        queue: StreamQueue,
+        runner: Runner,
+        model: ModelSettings,
+        limits: QueueSettings,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.queue = queue
         self.metrics = metrics or Metrics()
         self.runner = runner
@@ -110,13 +116,21 @@ class Worker:
     def _model_stage(self) -> ModelStage:
         if isinstance(self.runner, ContinuousRunner):
             return ContinuousStage(
-                self.runner, self.model.name, self.model.prefetch_batches, self._emit,
-                max_waiting=self.model.max_batch_size, on_batch=self.metrics.batch,
-            )  # fmt: skip
+                self.runner,
+                self.model.name,
+                self.model.prefetch_batches,
+                self._emit,
+                max_waiting=self.model.max_batch_size,
+                on_batch=self.metrics.batch,
+            )
         return ModelStage(
-            self.runner, self.model.name, self.model.prefetch_batches, self._emit,
-            encode_inline=self.model.device == "cpu", on_batch=self.metrics.batch,
-        )  # fmt: skip
+            self.runner,
+            self.model.name,
+            self.model.prefetch_batches,
+            self._emit,
+            encode_inline=self.model.device == "cpu",
+            on_batch=self.metrics.batch,
+        )
 
     @property
     def stats(self) -> WorkerStats:
@@ -251,8 +265,11 @@ class Worker:
                 await self._admit(entries)
 
     def _registration(self) -> dict[str, str | int | float]:
-        return {"task": self.runner.task, "model_path": self.model.model_path,
-                "registered_ms": int(time.time() * 1000)}  # fmt: skip
+        return {
+            "task": self.runner.task,
+            "model_path": self.model.model_path,
+            "registered_ms": int(time.time() * 1000),
+        }
 
     async def _maybe_reclaim(self) -> list[Entry]:
         now = time.monotonic()
@@ -442,8 +459,10 @@ class Worker:
         job, err = item.job, item.error
         if job.deliveries >= self.limits.max_deliveries:
             # The message quotes the exception, which can be any size: the result stays small.
-            reason = (f"{err.code}: {err.message[:512]} (failed {job.deliveries} times, "
-                      f"max_deliveries {self.limits.max_deliveries})")  # fmt: skip
+            reason = (
+                f"{err.code}: {err.message[:512]} (failed {job.deliveries} times, "
+                f"max_deliveries {self.limits.max_deliveries})"
+            )
             res = error_result(self.model.name, job.id, DeadLettered(reason))
             letter = DeadLetter(
                 job.entry_id, job.fields, reason, job.deliveries, outcome_of(job, res), job.lane
@@ -502,8 +521,12 @@ class Worker:
                 refusals += 1
                 self._write_failed()
                 if refusals >= 3:
-                    log.error("redis refused a write %d times (%r); %d entries handed back",
-                              refusals, exc, len(item))  # fmt: skip
+                    log.error(
+                        "redis refused a write %d times (%r); %d entries handed back",
+                        refusals,
+                        exc,
+                        len(item),
+                    )
                     self.queue.release(item)
                     return
                 await backoff.sleep()

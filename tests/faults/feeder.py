@@ -88,8 +88,11 @@ class Feeder:
             for job_id in ids:
                 n = int(job_id.rsplit("-", 1)[1])
                 text = f"job text {n} " + "pad " * (n % 40)
-                fields = {"id": job_id, "input": orjson.dumps({"text": text}),
-                          "reply_to": self.reply_to}  # fmt: skip
+                fields = {
+                    "id": job_id,
+                    "input": orjson.dumps({"text": text}),
+                    "reply_to": self.reply_to,
+                }
                 pipe.xadd(jobs_key(self.model), fields)  # type: ignore[arg-type]
             pipe.execute()
         self.sent += len(ids)

@@ -42,8 +42,7 @@ def test_scale_down_and_redeploy_mid_run(r, deploy, model_name, tiny_bert):
     # A 60 s visibility timeout (the default): nothing here waits on a reclaim. Every answer
     # kept on the reply stream, for the exactly-once check.
     queue = {"visibility_timeout_s": 60, "reply_maxlen": 1_000_000}
-    deploy(model_name, tiny_bert, num_replicas=2, max_batch_size=8, prefetch_batches=4,
-           queue=queue)  # fmt: skip
+    deploy(model_name, tiny_bert, num_replicas=2, max_batch_size=8, prefetch_batches=4, queue=queue)
     reply = f"sluice:reply:{model_name}"
     # Kept 300 jobs ahead of the answers, so each stop finds batches pulled and queued, and
     # fed until both changes are over, however long Serve takes over them.
@@ -51,8 +50,7 @@ def test_scale_down_and_redeploy_mid_run(r, deploy, model_name, tiny_bert):
 
     # Scale down 2 -> 1: the same config, so Serve stops one replica gracefully.
     wait_for(lambda: feeder.answered() >= 300, 60, what="the run to be under way")
-    deploy(model_name, tiny_bert, num_replicas=1, max_batch_size=8, prefetch_batches=4,
-           queue=queue)  # fmt: skip
+    deploy(model_name, tiny_bert, num_replicas=1, max_batch_size=8, prefetch_batches=4, queue=queue)
     wait_for(lambda: _replicas(model_name) == {"RUNNING": 1}, 60, what="the scale-down")
     mark = feeder.answered()
 
@@ -100,8 +98,11 @@ def test_rolling_update_with_thousands_queued(r, deploy, model_name, tiny_bert):
     handle = deploy(model_name, tiny_bert, max_batch_size=16, queue=queue)
     new = handle.info.remote().result(timeout_s=30)
     assert new["pid"] != old["pid"]
-    wait_for(lambda: handle.info.remote().result(timeout_s=30)["stats"]["ok"] >= 1000, 60,
-             what="the new replica under way")  # fmt: skip
+    wait_for(
+        lambda: handle.info.remote().result(timeout_s=30)["stats"]["ok"] >= 1000,
+        60,
+        what="the new replica under way",
+    )
     feeder.stop()
     assert queued >= 2000, f"the update landed with {queued} jobs queued, not thousands"
 

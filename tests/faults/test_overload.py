@@ -74,9 +74,15 @@ def test_overload_rejects_explicitly_and_bounds_latency(
     # outrun one Python sender at 3x) adds its lateness: that wait is the sender's, not Sluice's.
     bound_ms = (3 * max_depth / capacity + 5.0) * 1000 + run.late_ms
     _write_report(
-        capacity=capacity, rate=rate, run=run, p50=p50, p99=p99, max_depth=max_depth,
-        bound_ms=bound_ms, latencies_ms=latencies_ms,
-    )  # fmt: skip
+        capacity=capacity,
+        rate=rate,
+        run=run,
+        p50=p50,
+        p99=p99,
+        max_depth=max_depth,
+        bound_ms=bound_ms,
+        latencies_ms=latencies_ms,
+    )
     assert p99 <= bound_ms, f"p99 {p99:.0f} ms over the bound {bound_ms:.0f} ms"
 
 

@@ -17,8 +17,12 @@ pytestmark = pytest.mark.integration
 
 KILLS = 3
 BATCH = 8
-QUEUE = {"visibility_timeout_s": 2, "reclaim_interval_s": 0.5, "max_deliveries": 10,
-         "reply_maxlen": 1_000_000}  # fmt: skip
+QUEUE = {
+    "visibility_timeout_s": 2,
+    "reclaim_interval_s": 0.5,
+    "max_deliveries": 10,
+    "reply_maxlen": 1_000_000,
+}
 
 
 def test_three_sigkills_mid_run_lose_nothing(r, deploy, model_name, tiny_bert):

@@ -29,13 +29,17 @@ def autoscaling(model: str, **config: Any) -> dict[str, Any]:
     """An autoscaling_config with Sluice's policy, quick to react (test timescales)."""
     kwargs = {"model": model, "target_drain_s": 1.0, "poll_interval_s": 0.2, "default_rate": 200.0}
     return {
-        "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
-        "upscale_delay_s": 0.0, "downscale_delay_s": 2.0,
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "initial_replicas": 1,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 2.0,
         # Replicas push their reports this often (Serve's field, deprecated in name only).
-        "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 2.0,
         "policy": {"policy_function": POLICY, "policy_kwargs": kwargs},
         **config,
-    }  # fmt: skip
+    }
 
 
 class Timeline:
@@ -61,8 +65,9 @@ class Timeline:
             app = serve.status().applications.get(self.app)
             if app is not None and "Replica" in app.deployments:
                 states = app.deployments["Replica"].replica_states
-                self.points.append((time.monotonic(), states.get("RUNNING", 0),
-                                    sum(states.values())))  # fmt: skip
+                self.points.append(
+                    (time.monotonic(), states.get("RUNNING", 0), sum(states.values()))
+                )
             self._stop.wait(self.interval_s)
 
     def running(self, after: float = 0.0) -> list[int]:
@@ -134,8 +139,9 @@ def test_a_burst_scales_up_to_two_replicas_and_back_down(r, deploy, model_name):
         # 2,000 jobs queued at once, and kept 2,000 past the answers until the second replica
         # runs: a box fast enough to drain a fixed burst before a replica starts would show
         # no scale-up at all.
-        feeder = Feeder(r, model_name, 500_000, reply_to=f"sluice:reply:{model_name}",
-                        ahead=2000, chunk=500).start()  # fmt: skip
+        feeder = Feeder(
+            r, model_name, 500_000, reply_to=f"sluice:reply:{model_name}", ahead=2000, chunk=500
+        ).start()
         # Counted from the burst on: Serve may show a start-up's replicas overlapping for a
         # moment before it, which is not the policy's doing.
         up_at = timeline.wait(lambda n, _: n == 2, 60, "a second replica", after=burst_at)
@@ -167,8 +173,10 @@ def test_idle_goes_to_zero_and_a_job_brings_a_replica_back(r, deploy, tiny_bert,
         back = timeline.wait(lambda n, _: n == 1, 30, "the replica RUNNING", after=submitted)
     assert result["status"] == "ok"
     assert timeline.running()[-3:] == [1, 0, 1], timeline.running()
-    print(f"cold start: answered after {answered - submitted:.1f}s, "
-          f"replica RUNNING after {back - submitted:.1f}s")  # fmt: skip
+    print(
+        f"cold start: answered after {answered - submitted:.1f}s, "
+        f"replica RUNNING after {back - submitted:.1f}s"
+    )
 
 
 def endless_backlog(r: redis.Redis, model: str) -> Feeder:

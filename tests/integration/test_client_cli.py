@@ -101,8 +101,12 @@ def sluice(*args: str, url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SLUICE_REDIS_URL": url}
     return subprocess.run(
         [sys.executable, "-m", "sluice.cli", *args],
-        capture_output=True, text=True, timeout=120, env=env, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
 
 
 def test_cli_submit_and_status(r, deploy, model_name, tiny_bert, producer_url, admin_url):
@@ -132,10 +136,26 @@ def test_cli_submit_and_status(r, deploy, model_name, tiny_bert, producer_url, a
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["up"], ["demo"], ["submit"], ["cancel"], ["status"], ["dlq"], ["dlq", "list"],
-     ["dlq", "show"], ["dlq", "replay"], ["dlq", "purge"]],
-)  # fmt: skip
+    [
+        [],
+        ["up"],
+        ["demo"],
+        ["submit"],
+        ["cancel"],
+        ["status"],
+        ["dlq"],
+        ["dlq", "list"],
+        ["dlq", "show"],
+        ["dlq", "replay"],
+        ["dlq", "purge"],
+    ],
+)
 def test_every_command_has_help(command):
-    out = subprocess.run([sys.executable, "-m", "sluice.cli", *command, "--help"],
-                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "sluice.cli", *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0 and "usage: sluice" in out.stdout

@@ -85,13 +85,15 @@ def expected(**figures: Any) -> dict[str, float]:
         for lane in LANES:
             out[f"sluice_queue_{metric}/{lane}"] = figures[metric].get(lane, 0)
     out["sluice_queue_waiting/inbox"] = figures["waiting"].get("inbox", 0)  # tenants' inboxes
-    out.update({
-        "sluice_queue_consumers": figures.get("consumers", 0),
-        "sluice_jobs_submitted_total": figures.get("submitted", 0),
-        "sluice_dead_letters": figures.get("dead", 0),
-        "sluice_rejections_total": figures.get("rejected", 0),
-        "sluice_model_registered": figures.get("registered", 1),
-    })  # fmt: skip
+    out.update(
+        {
+            "sluice_queue_consumers": figures.get("consumers", 0),
+            "sluice_jobs_submitted_total": figures.get("submitted", 0),
+            "sluice_dead_letters": figures.get("dead", 0),
+            "sluice_rejections_total": figures.get("rejected", 0),
+            "sluice_model_registered": figures.get("registered", 1),
+        }
+    )
     return out
 
 
@@ -167,8 +169,11 @@ def test_every_metric_of_a_model_as_the_read_only_user(
 
     # Replicas that stop reading drop out of the live count (here after 0.2 s, not 10 s).
     with exporter(scaler_url, live_idle_ms=200) as url:
-        wait_for(lambda: of_model(scrape(url), model_name)["sluice_queue_consumers"] == 0, 5,
-                 what="c1 and c2 no longer live")  # fmt: skip
+        wait_for(
+            lambda: of_model(scrape(url), model_name)["sluice_queue_consumers"] == 0,
+            5,
+            what="c1 and c2 no longer live",
+        )
 
 
 def test_models_named_are_read_registered_or_not(r, scaler_url, model_name):
@@ -242,9 +247,20 @@ def test_sluice_exporter_command(r, scaler_url, model_name):
     r.hset(info_key(model_name), "task", "embed")
     r.xadd(jobs_key(model_name, "high"), {"id": "j", "input": "{}"})
     port = free_port()
-    command = [sys.executable, "-m", "sluice.cli", "exporter", "--port", str(port),
-               "--address", "127.0.0.1", "--redis-url", scaler_url,
-               "--model", model_name]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "sluice.cli",
+        "exporter",
+        "--port",
+        str(port),
+        "--address",
+        "127.0.0.1",
+        "--redis-url",
+        scaler_url,
+        "--model",
+        model_name,
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
 

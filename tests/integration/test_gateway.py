@@ -181,9 +181,10 @@ def test_a_key_sees_cancels_and_is_told_about_only_its_own_jobs(
     assert gateway.get(f"/v1/jobs/{parked}/shared-id").json()["status"] == "pending"
     # The same id from the other key is another job, not a duplicate of the first.
     theirs = requests.post(
-        f"{gateway.url}/v1/jobs", json={"model": parked, "id": "shared-id", "input": {"text": "b"}},
+        f"{gateway.url}/v1/jobs",
+        json={"model": parked, "id": "shared-id", "input": {"text": "b"}},
         headers=other,
-    )  # fmt: skip
+    )
     assert theirs.json()["jobs"] == [{"id": "shared-id", "status": "queued"}]
     cancelled = requests.delete(url, headers=other).json()
     assert cancelled["status"] == "cancelled" and cancelled["id"] == "shared-id"

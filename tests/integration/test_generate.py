@@ -75,8 +75,12 @@ def test_tokens_stream_to_the_reply_stream_before_the_one_result(generator, r, p
         )
     # The SDK has its own reply stream; this job is re-sent raw with ours, as any producer may.
     job_id = f"{job}-raw"
-    fields = {"id": job_id, "input": '{"prompt":"the quick brown fox"}',
-              "params": '{"max_new_tokens":64}', "reply_to": reply}  # fmt: skip
+    fields = {
+        "id": job_id,
+        "input": '{"prompt":"the quick brown fox"}',
+        "params": '{"max_new_tokens":64}',
+        "reply_to": reply,
+    }
     r.xadd(f"sluice:{{{generator}}}:jobs", fields)
 
     seen = read_stream_live(r, reply, job_id)
@@ -96,8 +100,15 @@ def test_tokens_stream_to_the_reply_stream_before_the_one_result(generator, r, p
 
 def test_stream_false_pushes_only_the_result(generator, r):
     reply = reply_key(f"quiet-{generator}")
-    r.xadd(f"sluice:{{{generator}}}:jobs", {"id": "quiet", "input": '{"prompt":"a stream of"}',
-           "params": '{"stream":false,"max_new_tokens":16}', "reply_to": reply})  # fmt: skip
+    r.xadd(
+        f"sluice:{{{generator}}}:jobs",
+        {
+            "id": "quiet",
+            "input": '{"prompt":"a stream of"}',
+            "params": '{"stream":false,"max_new_tokens":16}',
+            "reply_to": reply,
+        },
+    )
     seen = read_stream_live(r, reply, "quiet")
     assert [list(f) for _, f in seen] == [["id", "result"]]
 
@@ -107,13 +118,19 @@ def test_stop_strings_and_seeds(generator, producer_url, tiny_generator):
     stop = full[5:8]
     assert stop and full.find(stop) >= 0
     with Client(producer_url) as client:
-        stopped = client.submit(generator, {"prompt": "the quick brown fox"},
-                                params={"max_new_tokens": 30, "stop": [stop]})  # fmt: skip
+        stopped = client.submit(
+            generator,
+            {"prompt": "the quick brown fox"},
+            params={"max_new_tokens": 30, "stop": [stop]},
+        )
         sampled = [
-            client.submit(generator, {"prompt": "a stream of"},
-                          params={"temperature": 1.0, "seed": seed, "max_new_tokens": 20})
+            client.submit(
+                generator,
+                {"prompt": "a stream of"},
+                params={"temperature": 1.0, "seed": seed, "max_new_tokens": 20},
+            )
             for seed in (7, 7, 8)
-        ]  # fmt: skip
+        ]
         res, *samples = client.wait([stopped, *sampled], timeout=60)
 
     assert res.output["finish_reason"] == "stop"

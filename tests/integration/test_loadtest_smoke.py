@@ -43,10 +43,24 @@ def test_loadtest_open_and_closed_loops_answer_every_job(
 ):
     deploy(model_name, tiny_bert, max_batch_size=16)
     common = [
-        "--redis-url", producer_url, "--model", model_name, "--model-path", tiny_bert,
-        "--batch-size", "16", "--threads", "1", "--warmup", "1", "--slo-ms", "2000",
-        "--drain-timeout", "60", "--no-progress",
-    ]  # fmt: skip
+        "--redis-url",
+        producer_url,
+        "--model",
+        model_name,
+        "--model-path",
+        tiny_bert,
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+        "--warmup",
+        "1",
+        "--slo-ms",
+        "2000",
+        "--drain-timeout",
+        "60",
+        "--no-progress",
+    ]
     opened = tmp_path / "open"
     argv = ["run", "--target", "sluice", "--rate", "40", "--duration", "7", "--out", str(opened)]
     assert main([*argv, *common]) == 0
@@ -65,8 +79,10 @@ def test_rediscost_measures_every_phase(tmp_path):
     from loadtest.rediscost import main as rediscost
 
     out = tmp_path / "cost.json"
-    assert rediscost(["--jobs", "600", "--repeats", "1", "--encoding", "base64", "--out",
-                      str(out)]) == 0  # fmt: skip
+    assert (
+        rediscost(["--jobs", "600", "--repeats", "1", "--encoding", "base64", "--out", str(out)])
+        == 0
+    )
     summary = json.loads(out.read_text())["summary"]
     for key in ("submit_raw_us", "submit_admitted_us", "serve_us", "total_us"):
         assert summary[key]["median"] >= 0, key

@@ -40,11 +40,24 @@ def test_demo_starts_serves_and_stops_everything(tiny_config):
     url = f"redis://127.0.0.1:{free_port()}/0"
 
     out = subprocess.run(
-        [sys.executable, "-m", "sluice.cli", "demo", "--config", str(tiny_config),
-         "--redis-url", url, "--num-cpus", "1"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "sluice.cli",
+            "demo",
+            "--config",
+            str(tiny_config),
+            "--redis-url",
+            url,
+            "--num-cpus",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
         env={**os.environ, "RAY_ADDRESS": "local"},
-    )  # fmt: skip
+    )
 
     assert out.returncode == 0, out.stdout + out.stderr
     assert "8 jobs through sluice:{minilm}:jobs" in out.stdout

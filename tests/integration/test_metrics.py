@@ -32,8 +32,9 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for lab, v in samples.get(name, []) if labels.items() <= lab.items())
 
 
-def test_replica_metrics_count_what_the_replica_did(r, deploy, tiny_bert, model_name,
-                                                    ray_metrics_url):  # fmt: skip
+def test_replica_metrics_count_what_the_replica_did(
+    r, deploy, tiny_bert, model_name, ray_metrics_url
+):
     deploy(model_name, tiny_bert, max_batch_size=16)
     ids = xadd_jobs(r, model_name, [f"sentence {i}" for i in range(100)])
     r.xadd(f"sluice:{{{model_name}}}:jobs", {"id": "bad-1", "input": "not json"})

@@ -22,8 +22,9 @@ def test_every_panel_returns_data_from_a_real_run(
     r, deploy, tiny_bert, model_name, scaler_url, ray_metrics_url, tmp_path
 ):
     deploy(model_name, tiny_bert, max_batch_size=16)
-    exporter, thread = serve(QueueCollector(redis_connector(scaler_url), [model_name]), 0,
-                             "127.0.0.1")  # fmt: skip
+    exporter, thread = serve(
+        QueueCollector(redis_connector(scaler_url), [model_name]), 0, "127.0.0.1"
+    )
     ray_target = urlparse(ray_metrics_url).netloc
     targets = {"ray": [ray_target], "sluice-exporter": [f"127.0.0.1:{exporter.server_port}"]}
     stop = threading.Event()

@@ -36,8 +36,11 @@ def test_multi_yaml_serves_three_tasks_side_by_side(
             model.update(name=name, model_path=tiny[task], torch_threads=1, dtype="fp32")
             args = {**app["args"], "redis_url": worker_url}
             replica = Replica.options(ray_actor_options={"num_cpus": 0.25})
-            serve.run(replica.bind(ReplicaConfig.from_args(args).model_dump(mode="json")),
-                      name=name, route_prefix=None)  # fmt: skip
+            serve.run(
+                replica.bind(ReplicaConfig.from_args(args).model_dump(mode="json")),
+                name=name,
+                route_prefix=None,
+            )
 
         with Client(producer_url) as client:
             jobs = [

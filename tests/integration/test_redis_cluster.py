@@ -94,8 +94,13 @@ def models_on_distinct_masters(cluster: LocalRedisCluster, count: int) -> list[s
         by_master.setdefault(master_port(cluster.url, jobs_key(model)), model)
     models = list(by_master.values())
     for model in models:
-        keys = [*lane_keys(model), info_key(model), dead_key(model),
-                result_key(model, "x"), job_key(model, "x")]  # fmt: skip
+        keys = [
+            *lane_keys(model),
+            info_key(model),
+            dead_key(model),
+            result_key(model, "x"),
+            job_key(model, "x"),
+        ]
         assert {master_port(cluster.url, k) for k in keys} == {master_port(cluster.url, keys[0])}
     return models
 
@@ -237,7 +242,9 @@ def test_cancel_and_malformed_entries_on_a_cluster(cluster, tiny_bert, monkeypat
             assert fields[b"input"] == b'{"text": "an entry with no id"}'
             pushed = await pushed_to(r, replies, 2)
             assert sorted((x["id"], x["status"]) for x in pushed) == [
-                ("bad-json", "error"), ("early", "cancelled")]  # fmt: skip
+                ("bad-json", "error"),
+                ("early", "cancelled"),
+            ]
         assert await unacked(r, model) == 0
         assert await r.xlen(replies) == 2  # still, with the worker stopped
         assert worker.stats.ok == 1  # `early` and the malformed entries never ran
@@ -273,16 +280,23 @@ def test_the_store_push_ack_steps_answer_on_a_cluster(cluster):
         assert [(e.fields[b"id"], e.lane) for e in entries] == [(b"h", 0), (b"l", 2)]
         replies = reply_stream()
         outcomes = [
-            Outcome(e.entry_id, e.fields[b"id"].decode(), b'{"id": "%s"}' % e.fields[b"id"],
-                    replies, lane=e.lane)
+            Outcome(
+                e.entry_id,
+                e.fields[b"id"].decode(),
+                b'{"id": "%s"}' % e.fields[b"id"],
+                replies,
+                lane=e.lane,
+            )
             for e in entries
-        ]  # fmt: skip
+        ]
         assert await queue.finish(outcomes) == [True, True]
         assert await unacked(r, model) == 0
         rerun = [replace(o, result_json=o.result_json + b" ") for o in outcomes]
         assert await queue.finish(rerun) == [False, False]
         assert await r.mget([result_key(model, "h"), result_key(model, "l")]) == [
-            b'{"id": "h"}', b'{"id": "l"}']  # fmt: skip
+            b'{"id": "h"}',
+            b'{"id": "l"}',
+        ]
         pushed = await pushed_to(r, replies, 4)
         assert [x["id"] for x in pushed] == ["h", "l", "h", "l"]
         assert pushed[:2] == pushed[2:]  # the rerun pushed the stored results, not its own
@@ -294,9 +308,10 @@ def test_the_store_push_ack_steps_answer_on_a_cluster(cluster):
 
 def test_a_wrong_redis_cluster_setting_fails_clearly(cluster, redis_url, monkeypatch, capsys):
     elsewhere = next(
-        m for m in (f"c-{uuid.uuid4().hex[:8]}" for _ in range(100))
+        m
+        for m in (f"c-{uuid.uuid4().hex[:8]}" for _ in range(100))
         if master_port(cluster.url, jobs_key(m)) != cluster.servers[0].port
-    )  # fmt: skip
+    )
 
     async def scenario() -> None:
         # One node of a cluster, reached as one server: MOVED, said plainly.

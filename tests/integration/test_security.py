@@ -168,12 +168,38 @@ def make_certificates(folder: Path) -> TlsFiles:
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for args in (
-        ["req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-         "-subj", "/CN=sluice test CA"],
+        [
+            "req",
+            "-x509",
+            *key,
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=sluice test CA",
+        ],
         ["req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-         "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.cnf"],
-    ):  # fmt: skip
+        [
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "san.cnf",
+        ],
+    ):
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
     return TlsFiles(*(str(folder / name) for name in ("server.crt", "server.key", "ca.crt")))
 

@@ -421,15 +421,29 @@ def test_push_replies_reach_wait_and_a_redis_cli_producer(
             reply = f"sluice:reply:cli-{model_name}"
             base = [redis_cli, "-u", producer_url]
             subprocess.run(
-                [*base, "XADD", jobs_key(model_name), "*", "id", "cli-1",
-                 "input", '{"text": "from redis-cli"}', "reply_to", reply],
-                check=True, capture_output=True,
-            )  # fmt: skip
+                [
+                    *base,
+                    "XADD",
+                    jobs_key(model_name),
+                    "*",
+                    "id",
+                    "cli-1",
+                    "input",
+                    '{"text": "from redis-cli"}',
+                    "reply_to",
+                    reply,
+                ],
+                check=True,
+                capture_output=True,
+            )
             out = await asyncio.to_thread(
                 subprocess.run,
                 [*base, "--no-raw", "XREAD", "BLOCK", "20000", "STREAMS", reply, "0"],
-                check=True, capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert '\\"id\\":\\"cli-1\\"' in out.stdout and '\\"status\\":\\"ok\\"' in out.stdout
 
     asyncio.run(scenario())
@@ -483,8 +497,11 @@ def _cli(url: str, *args: str, check: bool = True) -> str:
     env = {**os.environ, "SLUICE_REDIS_URL": url}
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "sluice"), *args],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"sluice {' '.join(args)} failed: {proc.stderr}")
     return proc.stdout + proc.stderr

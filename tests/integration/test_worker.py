@@ -75,8 +75,10 @@ def test_a_reply_to_that_is_not_a_stream_does_not_block_the_ack(redis_url, model
         r = connect(redis_url)
         await r.set(f"not-a-stream-{model_name}", "x")
         worker = await start_worker(redis_url, model_name, tiny_bert)
-        await r.xadd(jobs_key(model_name), {"id": "w1", "input": '{"text": "a"}',
-                                            "reply_to": f"not-a-stream-{model_name}"})  # fmt: skip
+        await r.xadd(
+            jobs_key(model_name),
+            {"id": "w1", "input": '{"text": "a"}', "reply_to": f"not-a-stream-{model_name}"},
+        )
         (res,) = await wait_results(r, model_name, ["w1"])
         assert res["status"] == "ok"
         await worker.stop(5)  # `ok` is counted after the push is tried, a step after the result

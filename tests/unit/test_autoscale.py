@@ -93,14 +93,24 @@ def test_median_ignores_replicas_that_reported_nothing():
 def context(metrics: dict[str, dict[str, float]], replicas: int = 2) -> AutoscalingContext:
     """Serve's own context object, as the controller builds it each tick."""
     return AutoscalingContext(
-        deployment_id=DeploymentID(name="Replica", app_name="m"), deployment_name="Replica",
-        app_name="m", current_num_replicas=replicas, target_num_replicas=replicas,
-        running_replicas=[], total_num_requests=0.0, total_queued_requests=0.0,
-        aggregated_metrics=metrics, raw_metrics={}, capacity_adjusted_min_replicas=0,
-        capacity_adjusted_max_replicas=4, policy_state={}, last_scale_up_time=None,
-        last_scale_down_time=None, current_time=0.0,
+        deployment_id=DeploymentID(name="Replica", app_name="m"),
+        deployment_name="Replica",
+        app_name="m",
+        current_num_replicas=replicas,
+        target_num_replicas=replicas,
+        running_replicas=[],
+        total_num_requests=0.0,
+        total_queued_requests=0.0,
+        aggregated_metrics=metrics,
+        raw_metrics={},
+        capacity_adjusted_min_replicas=0,
+        capacity_adjusted_max_replicas=4,
+        policy_state={},
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=0.0,
         config=AutoscalingConfig(min_replicas=0, max_replicas=4, look_back_period_s=15.0),
-    )  # fmt: skip
+    )
 
 
 def test_capacity_is_measured_only_on_saturated_replicas():

@@ -80,8 +80,12 @@ URLS = {
 }
 #: The ports each service listens on, by what it serves.
 GATEWAY_PORT, EXPORTER_PORT, RAY_METRICS_PORT, PROMETHEUS_PORT, GRAFANA_PORT = (
-    8000, 9108, 9109, 9090, 3000,
-)  # fmt: skip
+    8000,
+    9108,
+    9109,
+    9090,
+    3000,
+)
 Json = dict[str, Any]
 
 
@@ -125,9 +129,14 @@ def compose(
         for path in files:
             command += ["-f", str(path)]
         return subprocess.run(
-            [*command, *args], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
-            timeout=120, check=False,
-        )  # fmt: skip
+            [*command, *args],
+            cwd=ROOT,
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
 
 @pytest.fixture(scope="module", params=sorted(STACKS))
@@ -545,10 +554,21 @@ def redis_with_the_acl_file(tmp_path: Path) -> Iterator[int]:
     conf.write_text((REDIS_DIR / "redis.conf").read_text().replace("dir /data", f"dir {tmp_path}"))
     port = free_port()
     proc = subprocess.Popen(
-        [binary, str(conf), "--port", str(port), "--bind", "127.0.0.1",
-         "--aclfile", str(acl), "--maxmemory", "64mb"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            binary,
+            str(conf),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--aclfile",
+            str(acl),
+            "--maxmemory",
+            "64mb",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield port
     finally:
@@ -604,8 +624,11 @@ def test_the_compose_prometheus_config_differs_only_in_its_targets() -> None:
         pytest.fail("no `promtool`: `make system-deps` installs Debian's prometheus package")
     done = subprocess.run(
         [binary, "check", "config", str(PROMETHEUS_COMPOSE)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -31,8 +31,9 @@ def test_unknown_code_is_still_a_sluice_error():
 def test_raise_for_status():
     assert raise_for_status(Result("a", "m", "ok", output=[1.0])).ok
     with pytest.raises(InvalidInput, match="bad"):
-        raise_for_status(Result("a", "m", "error", error={"code": "invalid_input",
-                                                           "message": "bad"}))  # fmt: skip
+        raise_for_status(
+            Result("a", "m", "error", error={"code": "invalid_input", "message": "bad"})
+        )
     for status in ("expired", "cancelled"):
         with pytest.raises(SluiceError) as info:
             raise_for_status(Result("a", "m", status))

@@ -64,8 +64,11 @@ def test_every_code_answers_its_tables_status_in_the_one_shape(code: str) -> Non
     error = orjson.loads(response.body)["error"]
     assert (error["code"], error["message"]) == (code, "why")
     assert error["type"] in (
-        "invalid_request_error", "authentication_error", "rate_limit_error", "server_error"
-    )  # fmt: skip
+        "invalid_request_error",
+        "authentication_error",
+        "rate_limit_error",
+        "server_error",
+    )
 
 
 def test_429_and_401_carry_their_headers() -> None:

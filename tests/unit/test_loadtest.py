@@ -107,9 +107,24 @@ class _FixedRateServer(Target):
 
 def test_saturate_doubles_then_bisects_between_the_last_good_and_first_bad_rate():
     ns = parse(
-        ["sweep", "--saturate", "--rate", "25", "--duration", "1", "--warmup", "0.2",
-         "--arrival", "constant", "--slo-ms", "400", "--refine", "2", "--no-progress"]
-    )  # fmt: skip
+        [
+            "sweep",
+            "--saturate",
+            "--rate",
+            "25",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--arrival",
+            "constant",
+            "--slo-ms",
+            "400",
+            "--refine",
+            "2",
+            "--no-progress",
+        ]
+    )
     server = _FixedRateServer(per_job_s=0.01)  # at most 100 jobs/s
     server.start()
     try:

@@ -299,17 +299,32 @@ def test_panel_queries_reads_every_target_of_every_panel_rows_included() -> None
     dashboard = {
         "panels": [
             {"type": "row", "id": 1, "title": "open row", "panels": []},
-            {"type": "timeseries", "id": 2, "title": "two", "targets": [
-                {"refId": "A", "expr": 'a{model=~"$model"}'},
-                {"refId": "B", "expr": "rate(b[$__rate_interval])"},
-            ]},
-            {"type": "row", "id": 3, "title": "collapsed", "collapsed": True, "panels": [
-                {"type": "stat", "id": 4, "title": "inside", "targets": [
-                    {"refId": "A", "expr": 'c{model="$model"}'}]},
-            ]},
+            {
+                "type": "timeseries",
+                "id": 2,
+                "title": "two",
+                "targets": [
+                    {"refId": "A", "expr": 'a{model=~"$model"}'},
+                    {"refId": "B", "expr": "rate(b[$__rate_interval])"},
+                ],
+            },
+            {
+                "type": "row",
+                "id": 3,
+                "title": "collapsed",
+                "collapsed": True,
+                "panels": [
+                    {
+                        "type": "stat",
+                        "id": 4,
+                        "title": "inside",
+                        "targets": [{"refId": "A", "expr": 'c{model="$model"}'}],
+                    },
+                ],
+            },
             {"type": "text", "id": 5, "title": "no query", "targets": [{"refId": "A"}]},
         ]
-    }  # fmt: skip
+    }
     queries = panel_queries(dashboard, "m", "1m")
     assert [(q.panel_id, q.ref_id, q.expr) for q in queries] == [
         (2, "A", 'a{model=~"m"}'),
@@ -447,9 +462,11 @@ def exporter_payload(n: int) -> str:
     lines = []
     for lane, waiting in (("high", 0), ("normal", 40), ("low", 0)):
         labels = f'lane="{lane}",model="{MODEL}"'
-        lines += [f"sluice_queue_waiting{{{labels}}} {waiting}",
-                  f"sluice_queue_pending{{{labels}}} {min(waiting, 20)}",
-                  f"sluice_queue_length{{{labels}}} {waiting + 100}"]  # fmt: skip
+        lines += [
+            f"sluice_queue_waiting{{{labels}}} {waiting}",
+            f"sluice_queue_pending{{{labels}}} {min(waiting, 20)}",
+            f"sluice_queue_length{{{labels}}} {waiting + 100}",
+        ]
     model = f'model="{MODEL}"'
     lines += [
         f"sluice_queue_oldest_job_age_seconds{{{model}}} 0.8",
@@ -503,8 +520,11 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
     with stand_in(ray_payload) as ray, stand_in(exporter_payload) as exporter:
         targets = {"ray": [ray], "sluice-exporter": [exporter]}
         with running(targets, workdir, scrape_interval="1s") as server:
-            wait_for(lambda: len(server.targets_up()) == 2 and all(server.targets_up().values()),
-                     timeout_s=30, what="both targets up")  # fmt: skip
+            wait_for(
+                lambda: len(server.targets_up()) == 2 and all(server.targets_up().values()),
+                timeout_s=30,
+                what="both targets up",
+            )
             yield server
 
 

@@ -103,8 +103,13 @@ def test_job_expiry():
 def test_result_json_roundtrip_and_shapes():
     ok = Result("a", "m", "ok", output=np.arange(3, dtype=np.float32), timings={"total_ms": 1.5})
     body = orjson.loads(ok.to_json())
-    assert body == {"id": "a", "model": "m", "status": "ok", "output": [0.0, 1.0, 2.0],
-                    "timings": {"total_ms": 1.5}}  # fmt: skip
+    assert body == {
+        "id": "a",
+        "model": "m",
+        "status": "ok",
+        "output": [0.0, 1.0, 2.0],
+        "timings": {"total_ms": 1.5},
+    }
     err = error_result("m", "b", InvalidInput("bad"))
     assert orjson.loads(err.to_json())["error"] == {"code": "invalid_input", "message": "bad"}
     expired = error_result("m", "c", JobExpired("late"))

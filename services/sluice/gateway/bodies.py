@@ -46,12 +46,14 @@ class JobSpec(_Strict):
     """One job of a `POST /v1/jobs`: the wire fields (docs/protocol.md) as JSON values."""
 
     id: JobId | None = Field(
-        None, description="your job id; a retry with the same id is not queued twice "
-        "(default: a fresh random id, which a retry cannot reuse)"
-    )  # fmt: skip
+        None,
+        description="your job id; a retry with the same id is not queued twice "
+        "(default: a fresh random id, which a retry cannot reuse)",
+    )
     input: dict[str, Any] = Field(description='the job\'s input, e.g. {"text": "hello"}')
-    params: dict[str, Any] | None = Field(None, description='per-job options, e.g. '
-                                          '{"encoding": "base64"}')  # fmt: skip
+    params: dict[str, Any] | None = Field(
+        None, description='per-job options, e.g. {"encoding": "base64"}'
+    )
     priority: Priority | None = Field(None, description="its lane (default: the request's)")
     deadline_ms: DeadlineMs | None = None
 

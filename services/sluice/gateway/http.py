@@ -365,9 +365,12 @@ def document_limits(app: FastAPI, options: GatewayOptions) -> None:
             schemas = build()["components"]["schemas"]
             lists = [
                 schemas["SubmitMany"]["properties"]["jobs"],
-                *(s for s in schemas["EmbeddingRequest"]["properties"]["input"]["anyOf"]
-                  if s.get("type") == "array"),
-            ]  # fmt: skip
+                *(
+                    s
+                    for s in schemas["EmbeddingRequest"]["properties"]["input"]["anyOf"]
+                    if s.get("type") == "array"
+                ),
+            ]
             for schema in lists:
                 schema["maxItems"] = options.max_jobs_per_request
         return app.openapi_schema  # type: ignore[return-value]

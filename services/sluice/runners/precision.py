@@ -66,8 +66,12 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
         text = cpuinfo.read_text()
     except OSError:
         return False
-    flags = {f for line in text.splitlines() if line.startswith(("flags", "Features"))
-             for f in line.split(":", 1)[1].split()}  # fmt: skip
+    flags = {
+        f
+        for line in text.splitlines()
+        if line.startswith(("flags", "Features"))
+        for f in line.split(":", 1)[1].split()
+    }
     return bool(flags & CPU_BF16_FLAGS)
 
 

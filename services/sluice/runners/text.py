@@ -67,8 +67,10 @@ class TextRunner(Runner):
                 )
                 continue
             item.data, item.cost = token_ids, len(token_ids)
-        return [c.data if isinstance(c, Encoded) and isinstance(c.data, SluiceError) else c
-                for c in checked]  # fmt: skip
+        return [
+            c.data if isinstance(c, Encoded) and isinstance(c.data, SluiceError) else c
+            for c in checked
+        ]
 
     def _check(self, job: Job) -> str:
         text = job.input.get("text")
@@ -110,8 +112,10 @@ class TextRunner(Runner):
         return batch
 
     def probe(self) -> torch.Tensor:
-        jobs = [Job(entry_id=f"0-{i}", id=f"probe-{i}", input={"text": text}, params={})
-                for i, text in enumerate(PROBE_TEXTS)]  # fmt: skip
+        jobs = [
+            Job(entry_id=f"0-{i}", id=f"probe-{i}", input={"text": text}, params={})
+            for i, text in enumerate(PROBE_TEXTS)
+        ]
         items = [e for e in self.encode(jobs) if isinstance(e, Encoded)]
         return torch.as_tensor(self.run(self.collate(items)))
 
