@@ -117,7 +117,7 @@ def run_supervised(argv: Sequence[str], stop_timeout_s: float) -> int:
 
 def _wait_until_ready_or_ended(child: subprocess.Popen[bytes], ready_r: int) -> None:
     """Until the child is past its imports (a byte on the pipe), or gone (EOF)."""
-    while child.poll() is None:
+    while _running(child):
         readable, _, _ = select.select([ready_r], [], [], 0.2)
         if readable:
             return
@@ -126,13 +126,13 @@ def _wait_until_ready_or_ended(child: subprocess.Popen[bytes], ready_r: int) -> 
 def _supervise(child: subprocess.Popen[bytes], stops: _Stops) -> int:
     """Relays the first stop as one SIGINT, kills on the second or past the timeout; the
     child's exit status."""
-    while child.poll() is None and not stops.asked.wait(0.2):
+    while _running(child) and not stops.asked.wait(0.2):
         pass
     if child.poll() is not None:
         return child.returncode
     child.send_signal(signal.SIGINT)
     deadline = time.monotonic() + stops.stop_timeout_s
-    while child.poll() is None:
+    while _running(child):
         if stops.forced.wait(0.2):
             break
         if time.monotonic() > deadline:
@@ -146,6 +146,31 @@ def _supervise(child: subprocess.Popen[bytes], stops: _Stops) -> int:
     child.kill()
     child.wait()
     return 1
+
+
+def _running(child: subprocess.Popen[bytes]) -> bool:
+    """Whether the child still runs. As PID 1 (a container started without an init), this
+    process is also the parent of every orphan of the stack (a Ray worker whose raylet went
+    first): those are reaped on the way, or they would stay zombies while the stack runs."""
+    if os.getpid() == 1:
+        reap_orphans(keep=child.pid)
+    return child.poll() is None
+
+
+def reap_orphans(keep: int) -> int:
+    """Reaps every child of this process that has exited, but `keep` (the supervised child,
+    which `Popen` waits for itself); how many."""
+    reaped = 0
+    while True:
+        try:
+            # WNOWAIT: look first, so that `keep` is left for Popen to reap.
+            exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return reaped  # no children at all
+        if exited is None or exited.si_pid in (0, keep):
+            return reaped
+        os.waitpid(exited.si_pid, 0)
+        reaped += 1
 
 
 def child_started() -> None:
