@@ -30,8 +30,6 @@ from sluice.protocol import (
     Result,
     encode_job_fields,
     info_key,
-    job_key,
-    result_key,
 )
 from sluice.settings import GatewayOptions
 from sluice.streaming import TokenStream
@@ -97,17 +95,13 @@ class Broker:
         """The job's final result (under the caller's own id), or None while it is pending;
         `NotFound` if `tenant` submitted no such job."""
         self.allow(model)
-        caller_id, job_id = job_id, scoped(tenant, job_id)
-        async with self.client.redis.pipeline(transaction=False) as pipe:
-            pipe.get(result_key(model, job_id))
-            pipe.exists(job_key(model, job_id))
-            pipe.exists(info_key(model))
-            raw, queued, registered = await pipe.execute()
-        if raw is not None:
-            return replace(Result.from_json(raw), id=caller_id)
-        if not registered:
+        caller_id = job_id
+        known = await admission.lookup(self.client.redis, model, scoped(tenant, job_id))
+        if known.result is not None:
+            return replace(known.result, id=caller_id)
+        if not known.registered:
             raise UnknownModel(f"no model {model!r} is registered in this Redis")
-        if not queued:
+        if not known.queued:
             raise NotFound(
                 f"no job {caller_id!r} of model {model!r}: never submitted through admission "
                 "with this API key, or its result has expired"
