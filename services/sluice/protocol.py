@@ -78,10 +78,21 @@ def result_key(model: str, job_id: str) -> str:
     return f"sluice:{{{model}}}:result:{job_id}"
 
 
+#: Ends the name of every consumer that beats (`StreamQueue`): its silence means it is gone.
+#: A replica of an earlier release, without it, sets no heartbeat while it pulls, and only
+#: loses its entries past the visibility timeout (reclaim-2.lua).
+BEATING_MARK = "~hb"
+
+
+def beating(consumer: str) -> str:
+    """The consumer name `consumer` takes in the group: marked as one that beats."""
+    return consumer if consumer.endswith(BEATING_MARK) else consumer + BEATING_MARK
+
+
 def alive_key(model: str, consumer: str) -> str:
-    """A replica's heartbeat (a string with a TTL of `heartbeat_ttl_s`), set every
-    `heartbeat_interval_s` and as it renews its leases. Once it lapses, the replica is taken
-    for dead: reclaimers take its entries at once, and record those deleted under it."""
+    """A replica's heartbeat: the count of its unbroken run of beats, with a TTL of
+    `heartbeat_ttl_s`, set every `heartbeat_interval_s` (heartbeat-1.lua). Once it lapses, the
+    replica is taken for dead: reclaimers take its entries at once."""
     return f"sluice:{{{model}}}:alive:{consumer}"
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,12 +23,14 @@ from sluice.admission import load_library
 from sluice.connection import AsyncRedis, cluster_hint
 from sluice.connection import connect as connect
 from sluice.protocol import (
+    BEATING_MARK,
     GROUP,
     MODELS_KEY,
     NORMAL,
     PRIORITIES,
     Job,
     alive_key,
+    beating,
     dead_key,
     info_key,
     lane_keys,
@@ -183,7 +185,7 @@ class StreamQueue:
     ) -> None:
         self.redis = redis
         self.model = model
-        self.consumer = consumer
+        self.consumer = beating(consumer)
         self.settings = settings
         self.lanes = lane_keys(model)
         self.jobs_key = self.lanes[NORMAL]
@@ -197,12 +199,14 @@ class StreamQueue:
         self._trim = redis.register_script(scripts.TRIM)
         self._reclaim = redis.register_script(scripts.RECLAIM)
         self._renew = redis.register_script(scripts.RENEW)
+        self._heartbeat = redis.register_script(scripts.HEARTBEAT)
         self._held: set[Held] = set()
         # This replica's heartbeat (`heartbeat`, and with each renewal): while it lives, other
         # replicas leave our entries to the leases; once it lapses, they take them at once.
-        self._alive = alive_key(model, consumer)
+        self._alive = alive_key(model, self.consumer)
         self._alive_ms = int(settings.heartbeat_ttl_s * 1000)
-        self._beating_since: float | None = None  # monotonic: heartbeats landed unbroken since
+        # A whole TTL of beats: then a silence of others is a death, not an outage of ours.
+        self._beats_to_trust = math.ceil(settings.heartbeat_ttl_s / settings.heartbeat_interval_s)
         self._left = False
         self._cursors = ["-"] * len(self.lanes)  # where each lane's next reclaim scan starts
 
@@ -211,27 +215,12 @@ class StreamQueue:
         """Entries this consumer holds a lease on (pulled, not yet acked or handed back)."""
         return len(self._held)
 
-    async def heartbeat(self) -> None:
-        """Says that this replica is alive, for `heartbeat_ttl_s`. A heartbeat that fails
-        raises, and this replica trusts no other's silence until it has beaten unbroken for a
-        whole TTL again (`trusts_heartbeats`). After `leave`, a no-op."""
+    async def heartbeat(self) -> int:
+        """Says that this replica is alive, for `heartbeat_ttl_s` (heartbeat-1.lua); the count
+        of beats in its unbroken run. After `leave`, a no-op (0)."""
         if self._left:
-            return
-        try:
-            await self.redis.set(self._alive, "1", px=self._alive_ms)
-        except BaseException:
-            self._beating_since = None
-            raise
-        if self._beating_since is None:
-            self._beating_since = time.monotonic()
-
-    def trusts_heartbeats(self) -> bool:
-        """Whether a missing heartbeat means that its replica is dead. Only once ours has
-        landed unbroken for a whole TTL: after an outage of Redis (or of this replica's
-        connection), every heartbeat has lapsed, the live replicas' too, and each has had
-        that long to beat again."""
-        since = self._beating_since
-        return since is not None and time.monotonic() - since >= self.settings.heartbeat_ttl_s
+            return 0
+        return int(await self._heartbeat(keys=[self._alive], args=[self._alive_ms]))
 
     async def ensure_group(self) -> None:
         """Creates the group on every lane at id 0 (never `$`): jobs queued before any
@@ -312,13 +301,13 @@ class StreamQueue:
     async def reclaim(self, count: int) -> Reclaimed:
         """Takes over entries whose replica is gone: idle past the visibility timeout (it
         stopped renewing its lease: it died, or froze), or held by a replica whose heartbeat
-        lapsed (it died: killed, or its node lost), once we trust heartbeats. One script per
-        lane (`reclaim-2.lua`) reads a bounded page of the pending list from where the last
-        pass stopped, so a pass costs O(count) whatever the list's length, and claims only the
-        stale rows in the same atomic step (two replicas reclaiming at once cannot both win
-        one). Stale entries deleted
-        while pending are recorded as dead letters by the same script. A lane that fails is
-        reported in `errors`; what the others claimed is returned all the same."""
+        lapsed (killed, its node lost), once our own heartbeat has beaten unbroken for a TTL.
+        One script per lane (`reclaim-2.lua`) reads a bounded page of the pending list from
+        where the last pass stopped, so a pass costs O(count) whatever the list's length, and
+        claims only the stale rows in the same atomic step (two replicas reclaiming at once
+        cannot both win one). Stale entries deleted while pending are recorded as dead letters
+        by the same script. A lane that fails is reported in `errors`; what the others claimed
+        is returned all the same."""
         min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
         found = Reclaimed([], [])
         for lane, key in enumerate(self.lanes):
@@ -334,7 +323,8 @@ class StreamQueue:
                         self.settings.dead_maxlen,
                         PRIORITIES[lane],
                         alive_key(self.model, ""),
-                        "1" if self.trusts_heartbeats() else "0",
+                        self._beats_to_trust,
+                        BEATING_MARK,
                     ],
                 )
             except ResponseError as exc:
@@ -380,8 +370,8 @@ class StreamQueue:
             [
                 ScriptCall(
                     self._renew,
-                    [self.lanes[lane], self._alive],
-                    [GROUP, self.consumer, "", self._alive_ms, *ids],
+                    [self.lanes[lane]],
+                    [GROUP, self.consumer, "", *ids],
                 )
                 for lane, ids in calls
             ],
@@ -416,8 +406,8 @@ class StreamQueue:
         count a reclaimer would see. False if it is no longer this consumer's (answered, or
         taken over meanwhile)."""
         reply: Any = await self._renew(
-            keys=[self.lanes[lane], self._alive],
-            args=[GROUP, self.consumer, deliveries, self._alive_ms, entry_id],
+            keys=[self.lanes[lane]],
+            args=[GROUP, self.consumer, deliveries, entry_id],
         )
         gone, taken, _ = reply
         if gone or taken:

@@ -63,14 +63,14 @@ class Replica:
         # Loading takes seconds: off the event loop, so Serve's own calls stay answered.
         await asyncio.to_thread(runner.load)
         self.lifecycle["loaded_ms"] = time.time() * 1000
-        self.consumer = consumer_name()
         settings = self.config.settings
         redis = connect(
             settings.redis_url,
             cluster=settings.redis_cluster,
             socket_timeout=settings.redis_socket_timeout_s,
         )
-        queue = StreamQueue(redis, model.name, self.consumer, self.config.settings.queue)
+        queue = StreamQueue(redis, model.name, consumer_name(), self.config.settings.queue)
+        self.consumer = queue.consumer  # as the group knows it (marked as one that beats)
         metrics = RayMetrics(model.name) if settings.metrics else Metrics()
         precision = getattr(runner, "precision", None)
         load_s = (self.lifecycle["loaded_ms"] - self.lifecycle["init_ms"]) / 1000

@@ -48,7 +48,7 @@ class QueueSettings(BaseModel):
         1.0, gt=0, description="how often a replica says it is alive (sluice:{M}:alive:<consumer>)"
     )
     heartbeat_ttl_s: float = Field(
-        5.0,
+        15.0,
         gt=0,
         description="a replica silent this long is dead: its entries are reclaimed at once, "
         "without waiting for visibility_timeout_s",

@@ -100,7 +100,7 @@ def run_supervised(argv: Sequence[str], stop_timeout_s: float) -> int:
     )
     os.close(ready_w)
     try:
-        _wait_until_ready_or_ended(child, ready_r)
+        _wait_until_ready_or_ended(child, ready_r, stops)
         status = _supervise(child, stops)
     finally:
         os.close(ready_r)
@@ -115,9 +115,10 @@ def run_supervised(argv: Sequence[str], stop_timeout_s: float) -> int:
     return status
 
 
-def _wait_until_ready_or_ended(child: subprocess.Popen[bytes], ready_r: int) -> None:
-    """Until the child is past its imports (a byte on the pipe), or gone (EOF)."""
-    while _running(child):
+def _wait_until_ready_or_ended(child: subprocess.Popen[bytes], ready_r: int, stops: _Stops) -> None:
+    """Until the child is past its imports (a byte on the pipe), or gone (EOF), or the stop
+    is forced (a child that hangs before it is ready must not outlast a second signal)."""
+    while _running(child) and not stops.forced.is_set():
         readable, _, _ = select.select([ready_r], [], [], 0.2)
         if readable:
             return
@@ -130,6 +131,8 @@ def _supervise(child: subprocess.Popen[bytes], stops: _Stops) -> int:
         pass
     if child.poll() is not None:
         return child.returncode
+    if stops.forced.is_set():
+        return _kill(child)
     child.send_signal(signal.SIGINT)
     deadline = time.monotonic() + stops.stop_timeout_s
     while _running(child):
@@ -143,6 +146,12 @@ def _supervise(child: subprocess.Popen[bytes], stops: _Stops) -> int:
             break
     if child.poll() is not None:
         return child.returncode
+    return _kill(child)
+
+
+def _kill(child: subprocess.Popen[bytes]) -> int:
+    """The child at once (the rest of its session goes after it); the status of a forced
+    stop."""
     child.kill()
     child.wait()
     return 1

@@ -1,21 +1,28 @@
 -- KEYS: one lane, the model's dead stream.
 -- ARGV: group, consumer, min idle ms, cursor ('-' to start), count, dead MAXLEN, lane name,
--- the prefix of the model's heartbeat keys (sluice:{M}:alive:), and '1' to take the entries
--- of silent owners at once ('0': only by idle time).
--- Takes over up to `count` entries whose owner is gone: idle past the visibility timeout (it
--- stopped renewing its lease), or, with ARGV[9] = '1', held by a consumer whose heartbeat key
--- has expired (it died: a killed replica's jobs need not wait out the timeout). The caller
--- asks for the second only once its own heartbeat has landed for a whole heartbeat TTL: after
--- a Redis outage every heartbeat has lapsed, live replicas' too, until they beat again.
+-- the prefix of the model's heartbeat keys (sluice:{M}:alive:), the beats a heartbeat's
+-- unbroken run must have before its consumer may take a silent one's entries ('0': never),
+-- and the mark that ends the names of consumers that beat.
+-- Takes over up to `count` entries whose owner is gone:
+-- - idle past the visibility timeout: it stopped renewing its lease (it died, or froze);
+-- - held by a consumer that beats (its name ends with the mark) and whose heartbeat key has
+--   expired: it died (killed, its node lost) or was silent a whole heartbeat TTL, so its jobs
+--   need not wait out the timeout. Only once this consumer's own heartbeat count
+--   (heartbeat-1.lua) shows a whole TTL of unbroken beats, in Redis's time: after whatever
+--   lapsed every heartbeat (Redis stalled, or restarted from an older snapshot), the live
+--   replicas have had that long to beat again. A consumer without the mark (a replica of an
+--   earlier release, which sets no heartbeat while it pulls) keeps the first rule only.
 -- It reads at most 10 x count rows of the pending list, from the cursor on, so a pass costs
 -- O(count) however long the pending list is (as XAUTOCLAIM does); a live replica's entries
 -- (renewed, heartbeat alive) are never touched.
--- A stale entry that was deleted from the lane while pending (a trim, an XDEL), whose owner is
--- gone too (its heartbeat key expired), cannot be claimed: it is recorded here, in the same
--- step, as a dead letter with reason `deleted_while_pending` (entry id, lane, deliveries, last
--- owner) and acked off the pending list, so none vanishes unrecorded. (XAUTOCLAIM and XCLAIM
--- would drop it silently, and XAUTOCLAIM even those of live owners.) If the dead stream
--- refuses the letter, the entry stays pending, to be recorded on a later pass.
+-- A stale entry that was deleted from the lane while pending (a trim, an XDEL), idle past the
+-- visibility timeout and whose owner's heartbeat key has expired too, cannot be claimed: it is
+-- recorded here, in the same step, as a dead letter with reason `deleted_while_pending` (entry
+-- id, lane, deliveries, last owner) and acked off the pending list, so none vanishes
+-- unrecorded. (XAUTOCLAIM and XCLAIM would drop it silently, and XAUTOCLAIM even those of live
+-- owners.) Silence alone is not enough here: a replica whose link stalled for a while still
+-- answers that job by id, and the job would end twice. If the dead stream refuses the letter,
+-- the entry stays pending, to be recorded on a later pass.
 -- Returns {next cursor ('-' once the list was read to its end), {{id, fields, deliveries},
 -- ...}, {deleted entry id, ...}}.
 local count = tonumber(ARGV[5])
@@ -24,8 +31,9 @@ local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], '+', count * 10)
 local cursor = '-'
 if #rows == count * 10 then cursor = '(' .. rows[#rows][1] end
 -- A live replica stops renewing an entry deleted under it (XCLAIM would drop it) but keeps its
--- heartbeat key alive (renew-2.lua), and still answers that job by id: its entry is left alone.
--- Asked once per owner a pass: a page holds many rows of few owners.
+-- heartbeat key alive (heartbeat-1.lua; an earlier release's replica, as it renews), and still
+-- answers that job by id: its entry is left alone. Asked once per owner a pass: a page holds
+-- many rows of few owners.
 local gone = {}
 local function owner_gone(owner)
   if gone[owner] == nil then
@@ -33,12 +41,19 @@ local function owner_gone(owner)
   end
   return gone[owner]
 end
-local take_silent = ARGV[9] == '1'
+local needed = tonumber(ARGV[9])
+local mark = ARGV[10]
+local take_silent = needed > 0
+  and (tonumber(redis.call('GET', ARGV[8] .. ARGV[2])) or 0) >= needed
+local function beats(owner)
+  return owner:sub(-#mark) == mark
+end
 local stale, deliveries, deleted = {}, {}, {}
 for _, row in ipairs(rows) do
   local id, owner, idle, times = row[1], row[2], row[3], row[4]
-  local silent = take_silent and owner ~= ARGV[2] and owner_gone(owner)
-  if idle >= min_idle or silent then
+  local expired = idle >= min_idle
+  local silent = take_silent and owner ~= ARGV[2] and beats(owner) and owner_gone(owner)
+  if expired or silent then
     if #redis.call('XRANGE', KEYS[1], id, id) > 0 then
       stale[#stale + 1] = id
       deliveries[id] = times + 1  -- XCLAIM counts this delivery
@@ -46,7 +61,7 @@ for _, row in ipairs(rows) do
         cursor = '(' .. id
         break
       end
-    elseif owner_gone(owner) then
+    elseif expired and owner_gone(owner) then
       local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
         'reason', 'deleted_while_pending', 'entry_id', id, 'lane', ARGV[7],
         'deliveries', tostring(times), 'consumer', owner)

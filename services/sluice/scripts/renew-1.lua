@@ -1,23 +1,20 @@
--- KEYS: one lane, this consumer's heartbeat key (sluice:{M}:alive:<consumer>).
--- ARGV: group, consumer, retry count or '', heartbeat TTL ms, then entry ids.
+-- KEYS: one lane.
+-- ARGV: group, consumer, retry count or '', then entry ids.
 -- Renews this consumer's lease on entries it still holds (pulled, waiting for the model,
 -- running, or waiting to be written): XCLAIM ... JUSTID with min-idle 0 resets their idle
--- time without counting a delivery, so reclaimers (XAUTOCLAIM past the visibility timeout)
--- only ever take the entries of a replica that stopped renewing. With a retry count, the
--- entries' delivery count is set to it (a retry counts its run in Redis, so a crash during
--- the backoff cannot reset it).
+-- time without counting a delivery, so reclaimers (past the visibility timeout) only ever
+-- take the entries of a replica that stopped renewing. With a retry count, the entries'
+-- delivery count is set to it (a retry counts its run in Redis, so a crash during the backoff
+-- cannot reset it).
 -- Only entries still pending on this very consumer are renewed: one another consumer took
--- over (this replica was frozen past the timeout) is never taken back.
+-- over (this replica was frozen past the timeout, or silent past its heartbeat TTL) is never
+-- taken back.
 -- An entry deleted from the lane while pending is not renewed (XCLAIM would drop it from the
 -- pending list, and with it any record): the replica still answers its job by id, and if it
--- dies first, a reclaimer records it (reclaim-2.lua).
--- The heartbeat key says this consumer is alive (it expires unless renewed): a reclaimer
--- leaves a deleted entry alone while its owner's heartbeat lives (reclaim-2.lua). Redis 7.0
--- cannot tell otherwise: a consumer's idle time does not move on an empty XREADGROUP.
+-- dies first, a reclaimer records it (reclaim-2.lua). (The heartbeat is heartbeat-1.lua's.)
 -- Returns {ids no longer pending (acked), ids now held by another consumer, ids deleted}.
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
 local mine, gone, taken, deleted = {}, {}, {}, {}
-for i = 5, #ARGV do
+for i = 4, #ARGV do
   local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
   if not row then
     gone[#gone + 1] = ARGV[i]
