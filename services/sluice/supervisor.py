@@ -63,7 +63,8 @@ class _Stops:
             return
         if not self.forced.is_set():
             print(
-                "forced: killing the stack now (jobs it held wait out their visibility timeout)",
+                "forced: killing the stack now (the next replica to run takes the jobs its "
+                "replicas held)",
                 file=sys.stderr,
                 flush=True,
             )
