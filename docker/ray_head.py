@@ -1,10 +1,13 @@
 """The Ray head of the compose stack: starts Ray, deploys a Serve config, stops both gracefully.
 
-    python docker/ray_head.py [--metrics-export-port 9109] [--num-cpus N|auto] CONFIG
+    python docker/ray_head.py [--metrics-export-port 9109] [--num-cpus N|auto]
+                              [--dashboard-port 8265] [--ray-start-arg ARG ...] CONFIG
 
 1. `ray start --head --block` as a child process: Ray's metrics of every process on this node
    at --metrics-export-port (Prometheus scrapes it, docs/metrics.md), the dashboard on
-   127.0.0.1 only (`serve deploy` talks to it; nothing outside the container needs it). With
+   127.0.0.1 only (`serve deploy` talks to it; nothing outside the container needs it), and
+   each --ray-start-arg as one more argument (`make compose-test` runs the stack on the host's
+   network, so it names Ray's ports and `--node-ip-address=127.0.0.1` so). With
    RAY_AUTH_MODE=token (docker-compose.yml sets it), Ray's own ports ask for a token: one is
    made first if ~/.ray/auth_token has none, and every Ray process here reads it there.
 2. `serve deploy CONFIG`, once every variable that an application's `runtime_env.env_vars`
@@ -33,7 +36,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +44,9 @@ import yaml
 
 log = logging.getLogger("ray_head")
 
-DASHBOARD_URL = "http://127.0.0.1:8265"
+DASHBOARD_PORT = 8265
 START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 45.0  # Ray's own drain on SIGTERM waits 30 s at most
 
 
 def referenced_variables(config: dict[str, Any]) -> set[str]:
@@ -72,21 +76,34 @@ def ensure_auth_token(env: Mapping[str, str]) -> None:
         )
 
 
-def start_ray(metrics_port: int, num_cpus: str) -> subprocess.Popen[bytes]:
+def dashboard_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def start_ray(
+    metrics_port: int,
+    num_cpus: str,
+    dashboard_port: int = DASHBOARD_PORT,
+    extra: Sequence[str] = (),
+) -> subprocess.Popen[bytes]:
     command = [
         "ray", "start", "--head", "--block",
         f"--metrics-export-port={metrics_port}",
         "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
         "--disable-usage-stats",
     ]  # fmt: skip
     if num_cpus != "auto":
         command.append(f"--num-cpus={int(num_cpus)}")
+    command += extra
     log.info("starting Ray: %s", " ".join(command))
     return subprocess.Popen(command)
 
 
-def wait_for_dashboard(ray: subprocess.Popen[bytes], timeout_s: float = START_TIMEOUT_S) -> None:
-    """Blocks until Ray's dashboard answers (`serve deploy` goes through it)."""
+def wait_for_dashboard(
+    ray: subprocess.Popen[bytes], url: str, timeout_s: float = START_TIMEOUT_S
+) -> None:
+    """Blocks until Ray's dashboard at `url` answers (`serve deploy` goes through it)."""
     deadline = time.monotonic() + timeout_s
     while True:
         if ray.poll() is not None:
@@ -94,7 +111,7 @@ def wait_for_dashboard(ray: subprocess.Popen[bytes], timeout_s: float = START_TI
         try:
             # A path that needs no token: `ray start` turns Ray's token authentication on, and
             # `serve deploy` sends the token that it wrote to ~/.ray/auth_token.
-            with urllib.request.urlopen(f"{DASHBOARD_URL}/api/gcs_healthz", timeout=2):
+            with urllib.request.urlopen(f"{url}/api/gcs_healthz", timeout=2):
                 return
         except OSError:
             if time.monotonic() > deadline:
@@ -102,8 +119,8 @@ def wait_for_dashboard(ray: subprocess.Popen[bytes], timeout_s: float = START_TI
             time.sleep(1)
 
 
-def deploy(config_path: Path, config: dict[str, Any]) -> None:
-    subprocess.run(["serve", "deploy", "--address", DASHBOARD_URL, str(config_path)], check=True)
+def deploy(config_path: Path, config: dict[str, Any], url: str) -> None:
+    subprocess.run(["serve", "deploy", "--address", url, str(config_path)], check=True)
     apps = ", ".join(app["name"] for app in config["applications"])
     log.info("deployed %s (%s); `serve status` shows their state", config_path, apps)
 
@@ -121,12 +138,16 @@ def stop(ray: subprocess.Popen[bytes]) -> None:
         log.exception("Serve did not shut down cleanly; stopping Ray all the same")
     finally:
         ray_api.shutdown()
-    subprocess.run(["ray", "stop"], check=False)
-    ray.terminate()  # `ray start --block` outlives the processes `ray stop` ended
+    # Then `ray start --block` stops the node: on SIGTERM it drains the node through the GCS
+    # (at once: Serve is down) and ends Ray's processes. Signalled after `ray stop` instead, it
+    # would find the GCS gone and wait out its 30 s drain timeout on every stop.
+    ray.terminate()
     try:
-        ray.wait(timeout=30)
+        ray.wait(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        log.warning("`ray start --block` still running after %.0f s: killed", STOP_TIMEOUT_S)
         ray.kill()
+    subprocess.run(["ray", "stop"], check=False)  # whatever Ray process is left
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="the Serve config to deploy")
     parser.add_argument("--metrics-export-port", type=int, default=9109, help="(9109)")
     parser.add_argument("--num-cpus", default="auto", help="CPUs Ray offers (auto: detected)")
+    parser.add_argument(
+        "--dashboard-port", type=int, default=DASHBOARD_PORT, help=f"({DASHBOARD_PORT})"
+    )
+    parser.add_argument(
+        "--ray-start-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for `ray start`, e.g. --ray-start-arg=--port=6380 (repeatable)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s ray_head: %(message)s"
@@ -151,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stopping.set())
 
     ensure_auth_token(os.environ)
-    ray = start_ray(args.metrics_export_port, args.num_cpus)
+    ray = start_ray(
+        args.metrics_export_port, args.num_cpus, args.dashboard_port, args.ray_start_arg
+    )
+    url = dashboard_url(args.dashboard_port)
     try:
-        wait_for_dashboard(ray)
-        deploy(args.config, config)
+        wait_for_dashboard(ray, url)
+        deploy(args.config, config, url)
     except BaseException:
         stop(ray)
         raise
