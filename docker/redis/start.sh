@@ -15,7 +15,14 @@ sha256() { printf '%s' "$1" | sha256sum | cut -d ' ' -f 1; }
 
 render() {
     # Only the hashes (hex digits) are substituted: nothing in a password can break the file.
-    sed -e "s/@REDIS_ADMIN_PASSWORD_SHA256@/$(sha256 "$REDIS_ADMIN_PASSWORD")/" \
+    # `default` stays off and has no password, so no client can be it, but it gets every right:
+    # Redis replays the AOF at start as `default`, and EXEC re-checks that user's rights
+    # (redis/redis#14541: Debian 12's 7.0.15 has the bug, and redis:7.2.7 predates its fix).
+    # With none, every transaction in the AOF is dropped, silently: the writes of each script
+    # and function (an admitted job's XADD, a pull's XCLAIMs, a reply push), so a restart would
+    # lose them. `make compose-test` restarts the stack and checks that nothing is lost.
+    sed -e 's/^user default off$/user default off ~* \&* +@all/' \
+        -e "s/@REDIS_ADMIN_PASSWORD_SHA256@/$(sha256 "$REDIS_ADMIN_PASSWORD")/" \
         -e "s/@SLUICE_WORKER_PASSWORD_SHA256@/$(sha256 "$SLUICE_WORKER_PASSWORD")/" \
         -e "s/@SLUICE_PRODUCER_PASSWORD_SHA256@/$(sha256 "$SLUICE_PRODUCER_PASSWORD")/" \
         -e "s/@SLUICE_SCALER_PASSWORD_SHA256@/$(sha256 "$SLUICE_SCALER_PASSWORD")/" \
