@@ -47,7 +47,8 @@ demo-chat: install
 # per worker at a time, so a module's deployment is made once. The slowest tests are printed.
 TEST_WORKERS ?= 4
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 \
+	  --ignore=tests/compose tests
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit

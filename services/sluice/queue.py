@@ -246,13 +246,15 @@ class StreamQueue:
             # sluice_enqueue refuses larger: the intake would not decode it (no id to answer).
             "max_element_bytes": max_element_bytes(self.settings),
         }
+        # The library first: once the model is registered, submits are admitted (readiness
+        # says so too), and each goes through the library's function.
+        await load_library(self.redis)
         # Not one MULTI: the models set is in a slot of its own on a cluster.
         with cluster_hint():
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(info_key(self.model), mapping=fields)
                 pipe.sadd(MODELS_KEY, self.model)
                 await pipe.execute()
-        await load_library(self.redis)
 
     async def pull(self, count: int, block_ms: int | None) -> list[Entry]:
         """Up to `count` new entries, the most urgent lane first; blocks up to `block_ms`

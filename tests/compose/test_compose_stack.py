@@ -1,7 +1,8 @@
 """`make compose-test`: docker-compose.yml's stack built and run for real, on this machine.
 
-Skipped unless SLUICE_COMPOSE_TEST=1 (which `make compose-test` sets): `make test` collects
-this file and skips it. With SLUICE_COMPOSE_TEST=1 and no Docker, it fails.
+`make test` leaves this folder out (`--ignore`); a plain `pytest tests` skips it unless
+SLUICE_COMPOSE_TEST=1 (which `make compose-test` sets). With SLUICE_COMPOSE_TEST=1 and no
+Docker, it fails.
 
 1. The images are built (tests/compose/images.py: no image registry is reachable here), then
    built again, all cache; then `docker-compose up -d redis ray-head exporter prometheus`
