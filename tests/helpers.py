@@ -14,6 +14,7 @@ import orjson
 import redis
 
 from sluice.protocol import GROUP, dead_key, jobs_key, result_key
+from sluice.settings import QueueSettings
 
 T = TypeVar("T")
 
@@ -82,7 +83,9 @@ def xadd_jobs(
 
 
 @contextlib.contextmanager
-def null_replica(url: str, model: str, dim: int = 8) -> Iterator[None]:
+def null_replica(
+    url: str, model: str, dim: int = 8, limits: QueueSettings | None = None
+) -> Iterator[None]:
     """A bare replica pipeline (no Ray) with the null runner: registers `model` and answers
     its jobs at once with `dim`-float unit vectors, on a loop of its own, until the block
     ends; then the model stays registered with nobody serving it. For tests of what is
@@ -90,7 +93,7 @@ def null_replica(url: str, model: str, dim: int = 8) -> Iterator[None]:
     point."""
     from sluice.queue import StreamQueue, connect
     from sluice.runners.null import NullRunner
-    from sluice.settings import ModelSettings, QueueSettings
+    from sluice.settings import ModelSettings
     from sluice.worker import Worker
 
     loop = asyncio.new_event_loop()
@@ -98,7 +101,7 @@ def null_replica(url: str, model: str, dim: int = 8) -> Iterator[None]:
     thread.start()
 
     settings = ModelSettings(name=model, task="null", model_path=f"null:{dim}", max_batch_size=64)
-    limits = QueueSettings(block_ms=100)
+    limits = limits or QueueSettings(block_ms=100)
     queue = StreamQueue(connect(url), model, "cli-test", limits)
 
     async def start() -> Worker:
