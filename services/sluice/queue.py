@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -201,12 +200,14 @@ class StreamQueue:
         self._renew = redis.register_script(scripts.RENEW)
         self._heartbeat = redis.register_script(scripts.HEARTBEAT)
         self._held: set[Held] = set()
-        # This replica's heartbeat (`heartbeat`, and with each renewal): while it lives, other
+        # This replica's heartbeat (`heartbeat`, every heartbeat_interval_s): while it lives, other
         # replicas leave our entries to the leases; once it lapses, they take them at once.
         self._alive = alive_key(model, self.consumer)
         self._alive_ms = int(settings.heartbeat_ttl_s * 1000)
-        # A whole TTL of beats: then a silence of others is a death, not an outage of ours.
-        self._beats_to_trust = math.ceil(settings.heartbeat_ttl_s / settings.heartbeat_interval_s)
+        # The longest gap between two beats of one run (heartbeat-1.lua): a late beat or two
+        # (a busy event loop), never so long that a lapse of the others' could hide in it.
+        gap_s = min(3 * settings.heartbeat_interval_s, settings.heartbeat_ttl_s / 2)
+        self._max_gap_ms = int(gap_s * 1000)
         self._left = False
         self._cursors = ["-"] * len(self.lanes)  # where each lane's next reclaim scan starts
 
@@ -216,11 +217,14 @@ class StreamQueue:
         return len(self._held)
 
     async def heartbeat(self) -> int:
-        """Says that this replica is alive, for `heartbeat_ttl_s` (heartbeat-1.lua); the count
-        of beats in its unbroken run. After `leave`, a no-op (0)."""
+        """Says that this replica is alive, for `heartbeat_ttl_s` (heartbeat-1.lua); how long
+        its unbroken run of beats has lasted, in ms of Redis's time. After `leave`, a no-op
+        (0)."""
         if self._left:
             return 0
-        return int(await self._heartbeat(keys=[self._alive], args=[self._alive_ms]))
+        return int(
+            await self._heartbeat(keys=[self._alive], args=[self._alive_ms, self._max_gap_ms])
+        )
 
     async def ensure_group(self) -> None:
         """Creates the group on every lane at id 0 (never `$`): jobs queued before any
@@ -325,7 +329,8 @@ class StreamQueue:
                         self.settings.dead_maxlen,
                         PRIORITIES[lane],
                         alive_key(self.model, ""),
-                        self._beats_to_trust,
+                        self._alive_ms,
+                        self._max_gap_ms,
                         BEATING_MARK,
                     ],
                 )

@@ -9,7 +9,8 @@ others:
     model thread  forward passes back to back (running.py), or generation steps with jobs
                   joining and leaving between them (generating.py) → write queue
     write loop    result JSON in the finish thread → SET NX GET → push to reply_to → XACK
-    lease loop    renews the leases of every entry held (XCLAIM JUSTID), and the heartbeat
+    lease loop    renews the leases of every entry held (XCLAIM JUSTID)
+    heartbeat     says the replica is alive every second (heartbeat-1.lua)
     intake        tenants' inboxes → lanes (intake.py), woken by their submits' bell
 
 While batch k runs on the model thread, batch k+1 is pulled and tokenized and the results of

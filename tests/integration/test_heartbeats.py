@@ -22,8 +22,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 import pytest
+import redis
 from redis.asyncio import Redis
 
 from sluice.protocol import GROUP, alive_key, dead_key, jobs_key
@@ -120,7 +122,7 @@ def test_after_every_heartbeat_lapsed_at_once_nothing_is_taken_for_a_ttl(
         await beat_for(TTL_S * 1.5, other, reclaimer)
 
         await asyncio.sleep(TTL_S * 1.5)  # the outage: nobody's heartbeat lands
-        assert await reclaimer.heartbeat() == 1  # a run of beats starts again
+        assert await reclaimer.heartbeat() == 0  # a run of beats starts again
         assert not (await reclaimer.reclaim(100)).entries, "took a live one's entries"
         await beat_for(TTL_S * 1.5, other, reclaimer)
         assert not (await reclaimer.reclaim(100)).entries, "took a live one's entries"
@@ -242,12 +244,133 @@ def test_a_replica_that_leaves_hands_back_what_it_still_holds(redis_url, worker_
         assert not (await reclaimer.reclaim(100)).entries
 
         await leaving.leave()
-        assert await leaving.heartbeat() == 0  # a late beat (a loop not yet cancelled): none
+        await leaving.heartbeat()  # a late beat (a loop not yet cancelled) sets nothing
+        assert await r.exists(alive_key(model_name, leaving.consumer)) == 0
         found = await reclaimer.reclaim(100)
 
         assert {e.entry_id for e in found.entries} == held
         await closed(leaving, reclaimer)
         await r.aclose()
+
+    asyncio.run(scenario())
+
+
+async def retrying(call: Any) -> Any:
+    """A call through a connection a restart cut: redis-py reconnects on the next try."""
+    for _ in range(50):
+        try:
+            return await call()
+        except (redis.ConnectionError, OSError):
+            await asyncio.sleep(0.02)
+    return await call()
+
+
+def test_a_restart_that_lapses_a_live_heartbeat_but_not_the_reclaimers_takes_nothing(
+    acl_lines, model_name
+):
+    """Two replicas beat a fraction of an interval apart. Redis restarts from a snapshot whose
+    age and downtime fall between their expiries: the live replica's key is gone, the
+    reclaimer's is still there. The time Redis lost breaks the reclaimer's run too (its key's
+    PTTL shows the gap), so it takes nothing before the live one beats again."""
+    limits = QueueSettings(visibility_timeout_s=600, heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0)
+
+    async def scenario() -> None:
+        server = RedisServer(acl_lines=acl_lines).start()
+        try:
+            url = server.url_for(WORKER, PASSWORDS[WORKER])
+            admin = connect(server.url)
+            await queued(admin, model_name, 3)
+            live = StreamQueue(connect(url), model_name, "live", limits)
+            reclaimer = StreamQueue(connect(url), model_name, "reclaimer", limits)
+            await live.heartbeat()
+            assert len(await live.pull(3, None)) == 3
+            live_beat = time.monotonic()
+            for _ in range(4):  # both beat once a second, 0.8 s apart
+                await live.heartbeat()
+                live_beat = time.monotonic()
+                await asyncio.sleep(0.8)
+                await reclaimer.heartbeat()
+                await asyncio.sleep(0.2)
+            await admin.save()  # live's key expires 0.8 s before the reclaimer's
+            assert server.proc is not None
+            server.proc.kill()
+            server.proc.wait()
+            await asyncio.sleep(max(0.0, live_beat + 3.0 + 0.15 - time.monotonic()))
+            server.start()
+            await admin.aclose()
+            admin = connect(server.url)
+            assert await admin.exists(alive_key(model_name, live.consumer)) == 0
+            assert await admin.exists(alive_key(model_name, reclaimer.consumer)) == 1
+            found = await retrying(lambda: reclaimer.reclaim(100))
+            assert not found.entries, "a restart took a live replica's entries (before a beat)"
+            assert await retrying(reclaimer.heartbeat) == 0  # its run starts again
+            found = await retrying(lambda: reclaimer.reclaim(100))
+            assert not found.entries, "a restart took a live replica's entries (after a beat)"
+            await closed(live, reclaimer)
+            await admin.aclose()
+        finally:
+            server.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_of_beats_is_no_run(redis_url, worker_url, model_name):
+    """Beats that land together (two queues of one consumer, a reconnect's beat beside the
+    loop's, beats queued during a stall) add no time to a run: trust takes a whole TTL."""
+
+    async def scenario() -> None:
+        r = connect(redis_url)
+        await queued(r, model_name, 2)
+        victim = StreamQueue(connect(worker_url), model_name, "victim", LIMITS)
+        await victim.heartbeat()
+        assert len(await victim.pull(2, None)) == 2
+        await r.delete(alive_key(model_name, victim.consumer))  # lapsed just now
+        reclaimer = StreamQueue(connect(worker_url), model_name, "reclaimer", LIMITS)
+        runs = await asyncio.gather(*(reclaimer.heartbeat() for _ in range(30)))
+        assert max(runs) < TTL_S * 1000 / 2
+        assert not (await reclaimer.reclaim(100)).entries, "trusted after a burst of beats"
+        await closed(victim, reclaimer)
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_trusts_a_ttl_after_it_connects_not_sooner(
+    redis_url, worker_url, model_name, tiny_bert
+):
+    """A real Worker, with the smallest TTL allowed (3 intervals): its pull loop beats as it
+    connects, beside its heartbeat loop. After something lapsed every heartbeat at once, a live
+    replica whose next beat lands within the TTL keeps its entries."""
+    interval_s, ttl_s = 0.5, 1.5
+    queue = {
+        "visibility_timeout_s": 600,
+        "heartbeat_interval_s": interval_s,
+        "heartbeat_ttl_s": ttl_s,
+    }
+
+    async def scenario() -> None:
+        r = connect(redis_url)
+        await queued(r, model_name, 3)
+        live = StreamQueue(connect(worker_url), model_name, "live", QueueSettings(**queue))
+        await live.heartbeat()
+        held = {e.entry_id for e in await live.pull(3, None)}
+        runner = EmbedRunner(
+            ModelSettings(name=model_name, model_path=tiny_bert, torch_threads=1, dtype="fp32")
+        )
+        runner.load()
+        await r.delete(alive_key(model_name, live.consumer))  # every heartbeat lapsed
+        lapsed = time.monotonic()
+        worker = await start(worker_url, "reclaimer", runner, {**queue, "reclaim_interval_s": 0.05})
+        try:
+            while time.monotonic() < lapsed + 0.8 * ttl_s:
+                assert await owners(r, model_name) == dict.fromkeys(held, live.consumer), (
+                    f"taken {time.monotonic() - lapsed:.2f}s after the lapse (TTL {ttl_s}s)"
+                )
+                await asyncio.sleep(0.02)
+        finally:
+            await worker.stop(5)
+            await closed(live)
+            await r.aclose()
 
     asyncio.run(scenario())
 

@@ -1,16 +1,16 @@
 -- KEYS: one lane, the model's dead stream.
 -- ARGV: group, consumer, min idle ms, cursor ('-' to start), count, dead MAXLEN, lane name,
--- the prefix of the model's heartbeat keys (sluice:{M}:alive:), the beats a heartbeat's
--- unbroken run must have before its consumer may take a silent one's entries ('0': never),
--- and the mark that ends the names of consumers that beat.
+-- the prefix of the model's heartbeat keys (sluice:{M}:alive:), the heartbeat TTL in ms ('0':
+-- take no silent consumer's entries), the longest gap in ms between two beats of one run
+-- (heartbeat-1.lua), and the mark that ends the names of consumers that beat.
 -- Takes over up to `count` entries whose owner is gone:
 -- - idle past the visibility timeout: it stopped renewing its lease (it died, or froze);
 -- - held by a consumer that beats (its name ends with the mark) and whose heartbeat key has
 --   expired: it died (killed, its node lost) or was silent a whole heartbeat TTL, so its jobs
---   need not wait out the timeout. Only once this consumer's own heartbeat count
---   (heartbeat-1.lua) shows a whole TTL of unbroken beats, in Redis's time: after whatever
---   lapsed every heartbeat (Redis stalled, or restarted from an older snapshot), the live
---   replicas have had that long to beat again. A consumer without the mark (a replica of an
+--   need not wait out the timeout. Only while this consumer's own heartbeat run
+--   (heartbeat-1.lua) is a whole TTL long, in Redis's time, and its last beat no older than
+--   the longest gap: after whatever lapsed every heartbeat (Redis stalled, or restarted from
+--   an older snapshot), the live replicas have had that long to beat again. A consumer without the mark (a replica of an
 --   earlier release, which sets no heartbeat while it pulls) keeps the first rule only.
 -- It reads at most 10 x count rows of the pending list, from the cursor on, so a pass costs
 -- O(count) however long the pending list is (as XAUTOCLAIM does); a live replica's entries
@@ -41,10 +41,11 @@ local function owner_gone(owner)
   end
   return gone[owner]
 end
-local needed = tonumber(ARGV[9])
-local mark = ARGV[10]
-local take_silent = needed > 0
-  and (tonumber(redis.call('GET', ARGV[8] .. ARGV[2])) or 0) >= needed
+local ttl, max_gap, mark = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
+local mine = ARGV[8] .. ARGV[2]
+local left = redis.call('PTTL', mine)
+local take_silent = ttl > 0 and left > 0 and ttl - left <= max_gap
+  and (tonumber(redis.call('GET', mine)) or 0) >= ttl
 local function beats(owner)
   return owner:sub(-#mark) == mark
 end
