@@ -53,6 +53,7 @@ import redis
 import yaml
 
 from tests.compose import images
+from tests.unit.test_compose import SECRETS  # the secrets compose refuses to run without
 
 pytestmark = [
     pytest.mark.skipif(
@@ -327,17 +328,7 @@ def stack() -> Iterator[Stack]:
 
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     ports = free_ports(PORT_NAMES)
-    passwords = {
-        name: secrets.token_hex(32)
-        for name in (
-            "REDIS_ADMIN_PASSWORD",
-            "SLUICE_WORKER_PASSWORD",
-            "SLUICE_PRODUCER_PASSWORD",
-            "SLUICE_SCALER_PASSWORD",
-            "SLUICE_API_KEYS",
-            "GRAFANA_ADMIN_PASSWORD",
-        )
-    }
+    passwords = {name: secrets.token_hex(32) for name in SECRETS}
     write_configs(ports)
     stack = Stack(ports, passwords, write_env_file(ports, passwords), timings)
     images.say(f"ports (all on 127.0.0.1): {ports}")

@@ -16,12 +16,15 @@ upgrade taking an old replica's entries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -71,6 +74,51 @@ async def owners(r: Redis, model: str) -> dict[str, str]:
 async def closed(*queues: StreamQueue) -> None:
     for queue in queues:
         await queue.redis.aclose()
+
+
+@dataclass
+class OwnRedis:
+    """A redis-server of the test's own (it is stopped and restarted), an admin connection to
+    it, a live replica's queue holding 3 entries, and a reclaimer's queue."""
+
+    server: RedisServer
+    admin: Redis
+    live: StreamQueue
+    reclaimer: StreamQueue
+
+    async def restart(self, down_until: float = 0.0) -> None:
+        """A crash, then a restart from the last snapshot (once `down_until`, monotonic, has
+        passed); the admin connects again."""
+        assert self.server.proc is not None
+        self.server.proc.kill()
+        self.server.proc.wait()
+        await asyncio.sleep(max(0.0, down_until - time.monotonic()))
+        self.server.start()
+        await self.admin.aclose()
+        self.admin = connect(self.server.url)
+
+
+@contextlib.asynccontextmanager
+async def own_redis(
+    acl_lines: list[str], model: str, limits: QueueSettings
+) -> AsyncIterator[OwnRedis]:
+    server = RedisServer(acl_lines=acl_lines).start()
+    try:
+        url = server.url_for(WORKER, PASSWORDS[WORKER])
+        setup = OwnRedis(
+            server,
+            connect(server.url),
+            StreamQueue(connect(url), model, "live", limits),
+            StreamQueue(connect(url), model, "reclaimer", limits),
+        )
+        await queued(setup.admin, model, 3)
+        await setup.live.heartbeat()
+        assert len(await setup.live.pull(3, None)) == 3
+        yield setup
+        await closed(setup.live, setup.reclaimer)
+        await setup.admin.aclose()
+    finally:
+        server.cleanup()
 
 
 def test_a_silent_consumers_entries_are_taken_at_once_and_a_beating_ones_never(
@@ -141,45 +189,30 @@ def test_a_redis_stall_or_a_restart_from_an_older_snapshot_takes_no_live_entries
     them expired too. Neither may take the entries of a replica about to beat again."""
 
     async def scenario() -> None:
-        server = RedisServer(acl_lines=acl_lines).start()
-        try:
-            url = server.url_for(WORKER, PASSWORDS[WORKER])
-            admin = connect(server.url)
-            await queued(admin, model_name, 3)
-            live = StreamQueue(connect(url), model_name, "live", LIMITS)
-            reclaimer = StreamQueue(connect(url), model_name, "reclaimer", LIMITS)
-            await live.heartbeat()
-            assert len(await live.pull(3, None)) == 3
+        async with own_redis(acl_lines, model_name, LIMITS) as own:
+            live, reclaimer = own.live, own.reclaimer
             await beat_for(TTL_S * 1.5, live, reclaimer)
 
-            assert server.proc is not None
-            os.kill(server.proc.pid, signal.SIGSTOP)
+            assert own.server.proc is not None
+            os.kill(own.server.proc.pid, signal.SIGSTOP)
             try:
                 reclaim = asyncio.create_task(reclaimer.reclaim(100))
                 await asyncio.sleep(0.1)
                 beat = asyncio.create_task(live.heartbeat())  # the live one's next beat
                 await asyncio.sleep(TTL_S * 3)
             finally:
-                os.kill(server.proc.pid, signal.SIGCONT)
+                os.kill(own.server.proc.pid, signal.SIGCONT)
             assert not (await reclaim).entries, "a Redis stall took a live replica's entries"
             await beat
 
-            await admin.save()  # the snapshot, with both heartbeats in it
+            await own.admin.save()  # the snapshot, with both heartbeats in it
             await beat_for(TTL_S * 1.5, live, reclaimer)
-            server.proc.kill()  # a crash, and a restart from that snapshot
-            server.proc.wait()
-            server.start()
-            await admin.aclose()
-            admin = connect(server.url)
-            assert await admin.exists(alive_key(model_name, live.consumer)) == 0
+            await own.restart()
+            assert await own.admin.exists(alive_key(model_name, live.consumer)) == 0
             # Twice: the first pass may lose a lane to the connection the restart cut.
             for _ in range(2):
                 found = await reclaimer.reclaim(100)
                 assert not found.entries, "a quick restart took a live replica's entries"
-            await closed(live, reclaimer)
-            await admin.aclose()
-        finally:
-            server.cleanup()
 
     asyncio.run(scenario())
 
@@ -275,15 +308,8 @@ def test_a_restart_that_lapses_a_live_heartbeat_but_not_the_reclaimers_takes_not
     limits = QueueSettings(visibility_timeout_s=600, heartbeat_interval_s=1.0, heartbeat_ttl_s=3.0)
 
     async def scenario() -> None:
-        server = RedisServer(acl_lines=acl_lines).start()
-        try:
-            url = server.url_for(WORKER, PASSWORDS[WORKER])
-            admin = connect(server.url)
-            await queued(admin, model_name, 3)
-            live = StreamQueue(connect(url), model_name, "live", limits)
-            reclaimer = StreamQueue(connect(url), model_name, "reclaimer", limits)
-            await live.heartbeat()
-            assert len(await live.pull(3, None)) == 3
+        async with own_redis(acl_lines, model_name, limits) as own:
+            live, reclaimer = own.live, own.reclaimer
             live_beat = time.monotonic()
             for _ in range(4):  # both beat once a second, 0.8 s apart
                 await live.heartbeat()
@@ -291,25 +317,15 @@ def test_a_restart_that_lapses_a_live_heartbeat_but_not_the_reclaimers_takes_not
                 await asyncio.sleep(0.8)
                 await reclaimer.heartbeat()
                 await asyncio.sleep(0.2)
-            await admin.save()  # live's key expires 0.8 s before the reclaimer's
-            assert server.proc is not None
-            server.proc.kill()
-            server.proc.wait()
-            await asyncio.sleep(max(0.0, live_beat + 3.0 + 0.15 - time.monotonic()))
-            server.start()
-            await admin.aclose()
-            admin = connect(server.url)
-            assert await admin.exists(alive_key(model_name, live.consumer)) == 0
-            assert await admin.exists(alive_key(model_name, reclaimer.consumer)) == 1
+            await own.admin.save()  # live's key expires 0.8 s before the reclaimer's
+            await own.restart(down_until=live_beat + 3.0 + 0.15)
+            assert await own.admin.exists(alive_key(model_name, live.consumer)) == 0
+            assert await own.admin.exists(alive_key(model_name, reclaimer.consumer)) == 1
             found = await retrying(lambda: reclaimer.reclaim(100))
             assert not found.entries, "a restart took a live replica's entries (before a beat)"
             assert await retrying(reclaimer.heartbeat) == 0  # its run starts again
             found = await retrying(lambda: reclaimer.reclaim(100))
             assert not found.entries, "a restart took a live replica's entries (after a beat)"
-            await closed(live, reclaimer)
-            await admin.aclose()
-        finally:
-            server.cleanup()
 
     asyncio.run(scenario())
 
